@@ -1,0 +1,145 @@
+"""The shared client update: on-device batching, augmentation and a ``lax.scan`` of local steps.
+
+Everything here is pure and vmappable over clients: a client's data are its padded uint8 array
+plus a count; each step draws its batch from the step's key (epoch-wise shuffles of the valid
+samples), augments (random crop with 4-pixel padding + horizontal flip) and normalises inside
+the jitted step. Masked gradients keep pruned entries at exactly zero.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class LocalConfig(NamedTuple):
+    steps: int = 20
+    batch_size: int = 20
+    lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0          # global-norm clip; 0 disables
+    augment: bool = True
+    mean: tuple = (0.4914, 0.4822, 0.4465)
+    std: tuple = (0.2023, 0.1994, 0.2010)
+
+
+def make_optimizer(cfg: LocalConfig, lr=None) -> optax.GradientTransformation:
+    parts = []
+    if cfg.grad_clip and cfg.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+    if cfg.weight_decay:
+        parts.append(optax.add_decayed_weights(cfg.weight_decay))
+    parts.append(optax.sgd(cfg.lr if lr is None else lr,
+                           momentum=cfg.momentum if cfg.momentum else None))
+    return optax.chain(*parts)
+
+
+def _epoch_perm(key, count, n_max):
+    """A uniformly random permutation of [0, count) in the first ``count`` slots."""
+    r = jax.random.uniform(key, (n_max,))
+    r = jnp.where(jnp.arange(n_max) < count, r, 2.0)
+    return jnp.argsort(r)
+
+
+def batch_indices(key, count, n_max: int, step, batch: int):
+    """Indices of step ``step``'s batch: consecutive slices of per-epoch shuffles (cycling over the
+    local data as a PyTorch DataLoader with shuffle=True does)."""
+    pos = step * batch + jnp.arange(batch)
+    epoch, off = pos // count, pos % count
+    e0 = (step * batch) // count
+    p0 = _epoch_perm(jax.random.fold_in(key, e0), count, n_max)
+    p1 = _epoch_perm(jax.random.fold_in(key, e0 + 1), count, n_max)
+    return jnp.where(epoch == e0, p0[off], p1[off])
+
+
+def normalize(x_u8, mean, std):
+    x = x_u8.astype(jnp.float32) / 255.0
+    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def augment(key, x, pad: int = 4):
+    """Random crop (zero padding ``pad``) + horizontal flip, per image; x is [B, H, W, C]."""
+    b, h, w, c = x.shape
+    kc, kf = jax.random.split(key)
+    offs = jax.random.randint(kc, (b, 2), 0, 2 * pad + 1)
+    flips = jax.random.bernoulli(kf, 0.5, (b,))
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    crop = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c)))(xp, offs)
+    return jnp.where(flips[:, None, None, None], crop[:, :, ::-1, :], crop)
+
+
+def get_batch(key, x_u8, y, count, step, cfg: LocalConfig):
+    kb, ka = jax.random.split(jax.random.fold_in(key, step))
+    idx = batch_indices(kb, count, x_u8.shape[0], step, cfg.batch_size)
+    xb = normalize(x_u8[idx], cfg.mean, cfg.std)
+    if cfg.augment and xb.ndim == 4:
+        xb = augment(ka, xb)
+    return xb, y[idx]
+
+
+LossFn = Callable  # loss_fn(params, x, y, rng) -> scalar
+
+
+def local_train(loss_fn: LossFn, params, mask, x_u8, y, count, key, cfg: LocalConfig,
+                grad_transform=None, lr=None):
+    """Run ``cfg.steps`` SGD steps of ``loss_fn`` from ``params`` on one client's data.
+
+    ``mask`` (a {0,1} pytree or None) multiplies gradients and updates, so masked-out entries
+    stay where they started (zero, for masked submodels). ``grad_transform(params, grads)`` lets
+    a method reshape gradients (FIARSE's threshold-aware factor). Returns (params, mean loss).
+    """
+    opt = make_optimizer(cfg, lr)
+    kdata = jax.random.fold_in(key, 0)
+    kloss = jax.random.fold_in(key, 1)
+
+    def step(carry, s):
+        p, opt_state = carry
+        xb, yb = get_batch(kdata, x_u8, y, count, s, cfg)
+        loss, g = jax.value_and_grad(loss_fn)(p, xb, yb, jax.random.fold_in(kloss, s))
+        if grad_transform is not None:
+            g = grad_transform(p, g)
+        if mask is not None:
+            g = jax.tree.map(lambda a, m: a * m, g, mask)
+        upd, opt_state = opt.update(g, opt_state, p)
+        if mask is not None:
+            upd = jax.tree.map(lambda a, m: a * m, upd, mask)
+        return (optax.apply_updates(p, upd), opt_state), loss
+
+    (params, _), losses = jax.lax.scan(step, (params, opt.init(params)), jnp.arange(cfg.steps))
+    return params, jnp.mean(losses)
+
+
+def is_finite_tree(tree):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def class_prototypes(apply_fn, params, x_u8, y, count, num_classes: int, cfg: LocalConfig,
+                     batch: int = 100):
+    """Eval-mode, un-augmented pass over a client's training data: per-class mean features and
+    class counts (SPEC §1.6 local prototypes)."""
+    n_max = x_u8.shape[0]
+    nb = -(-n_max // batch)
+    pad = nb * batch - n_max
+    xs = jnp.pad(x_u8, ((0, pad),) + ((0, 0),) * (x_u8.ndim - 1)).reshape((nb, batch) + x_u8.shape[1:])
+    ys = jnp.pad(y, (0, pad)).reshape(nb, batch)
+    valid = (jnp.arange(nb * batch) < count).reshape(nb, batch)
+
+    def body(acc, b):
+        xb, yb, vb = b
+        _, f = apply_fn(params, normalize(xb, cfg.mean, cfg.std), train=False)
+        oh = jax.nn.one_hot(yb, num_classes, dtype=f.dtype) * vb[:, None]
+        return (acc[0] + oh.T @ f, acc[1] + oh.sum(0)), None
+
+    init = (jnp.zeros((num_classes, _feat_dim(apply_fn, params, xs[0], cfg)), jnp.float32),
+            jnp.zeros((num_classes,), jnp.float32))
+    (sums, counts), _ = jax.lax.scan(body, init, (xs, ys, valid))
+    return sums / jnp.maximum(counts, 1.0)[:, None], counts
+
+
+def _feat_dim(apply_fn, params, xb, cfg):
+    out = jax.eval_shape(lambda p, x: apply_fn(p, normalize(x, cfg.mean, cfg.std), train=False),
+                         params, xb)
+    return out[1].shape[-1]

@@ -1,0 +1,160 @@
+"""Two-layer GCN (Kipf & Welling) for subgraph clients, SPEC.md §2.4.
+
+``GCNConv(in->h) -> ReLU -> dropout -> GCNConv(h->h) -> ReLU -> [features] -> dropout ->
+Linear(h->K)``, with ``GCNConv(X) = Â X W + b`` and ``Â = D^-1/2 (A + I) D^-1/2`` (PyG's
+``gcn_norm``: degrees counted at the receiver, one self loop per node).
+
+The graph is anything with ``nodes`` [N, F], ``senders`` [E], ``receivers`` [E] (a
+``jraph.GraphsTuple`` or any NamedTuple with those fields; ``n_node`` is not needed), or a
+``ClientGraph`` (``x``, ``edge_index``). Shapes are static, so ``apply`` jits and vmaps over a
+stacked padded batch (``framp_jax.data.graph_partition.pad_clients``).
+
+Padding. ``pad_clients`` points every padding edge at a padding node, so no padding edge touches
+a real node: a real node's neighbours, degree and output are exactly those of the unpadded
+graph whatever the padding nodes hold. With ``node_mask`` (the ``node_mask=`` keyword, or a
+``node_mask`` field on the graph) padding nodes and every edge touching one also get zero weight
+(padding nodes then output the bias only), which keeps their values small and bounded.
+
+Params: ``{"conv1": {"kernel", "bias"}, "conv2": {...}, "classifier": {...}}`` (+ ``"exit1"``
+with ``early_exit=True``); Glorot-uniform kernels, zero biases. Prunable: all kernels and the
+classifier/exit biases; the GCN conv biases are not (SPEC §1.5).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from framp_jax.models.base import Model
+
+__all__ = ["make_gcn", "make_gcn_width", "gcn_normalization", "graph_arrays"]
+
+_glorot = jax.nn.initializers.glorot_uniform()
+
+
+def graph_arrays(graph: Any):
+    """(nodes [N, F], senders [E], receivers [E], node_mask [N] or None) of a graph-like object."""
+    if hasattr(graph, "graphs") and hasattr(graph, "node_mask"):  # one client of a PaddedGraphs
+        g = graph.graphs
+        return g.nodes, g.senders, g.receivers, graph.node_mask
+    if hasattr(graph, "nodes"):
+        nodes, senders, receivers = graph.nodes, graph.senders, graph.receivers
+    elif hasattr(graph, "x") and hasattr(graph, "edge_index"):
+        nodes, senders, receivers = graph.x, graph.edge_index[0], graph.edge_index[1]
+    else:
+        raise TypeError(f"cannot read nodes/senders/receivers from {type(graph).__name__}")
+    return nodes, senders, receivers, getattr(graph, "node_mask", None)
+
+
+def gcn_normalization(senders, receivers, num_nodes: int, node_mask=None):
+    """Coefficients of Â = D^-1/2 (A + I) D^-1/2 as (edge_coef [E], self_coef [N]).
+
+    ``Â X`` is ``segment_sum(edge_coef * X[senders], receivers) + self_coef * X``. With a
+    ``node_mask``, edges touching a masked node and masked nodes' self loops weigh 0.
+    """
+    e = senders.shape[0]
+    if node_mask is None:
+        w_edge = jnp.ones((e,), jnp.float32)
+        w_self = jnp.ones((num_nodes,), jnp.float32)
+    else:
+        m = jnp.asarray(node_mask).astype(jnp.float32)
+        w_edge = m[senders] * m[receivers]
+        w_self = m
+    deg = jax.ops.segment_sum(w_edge, receivers, num_segments=num_nodes) + w_self
+    dinv = jnp.where(deg > 0, jax.lax.rsqrt(jnp.maximum(deg, 1e-12)), 0.0)
+    edge_coef = dinv[senders] * w_edge * dinv[receivers]
+    self_coef = dinv * dinv * w_self
+    return edge_coef, self_coef
+
+
+def _propagate(h, senders, receivers, edge_coef, self_coef):
+    msg = h[senders] * edge_coef[:, None]
+    return jax.ops.segment_sum(msg, receivers, num_segments=h.shape[0]) + h * self_coef[:, None]
+
+
+def _dropout(x, rate: float, key):
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+def make_gcn(
+    in_dim: int,
+    num_classes: int,
+    hidden: int = 128,
+    dropout: float = 0.5,
+    *,
+    early_exit: bool = False,
+) -> Model:
+    """The 2-layer GCN target model (SPEC §2.4; P = 38 184 for in 128, hidden 128, K 40).
+
+    ``apply(params, graph, *, train=False, rng=None, node_mask=None, return_exit1=False)``
+    returns ``(logits [N, K], features [N, hidden])``; with ``return_exit1=True`` (params must
+    hold ``"exit1"``, i.e. ``early_exit=True``) it returns ``(logits, features, exit1_logits)``,
+    where ``exit1`` is a linear head on layer 1's hidden output (after ReLU and dropout), for the
+    ScaleFL-style graph analogue. ``train=True`` with ``dropout > 0`` needs ``rng``.
+    """
+    in_dim, num_classes, hidden = int(in_dim), int(num_classes), int(hidden)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+    def init(key):
+        k1, k2, k3, k4 = jax.random.split(key, 4)
+        params = {
+            "conv1": {"kernel": _glorot(k1, (in_dim, hidden), jnp.float32), "bias": jnp.zeros((hidden,), jnp.float32)},
+            "conv2": {"kernel": _glorot(k2, (hidden, hidden), jnp.float32), "bias": jnp.zeros((hidden,), jnp.float32)},
+            "classifier": {
+                "kernel": _glorot(k3, (hidden, num_classes), jnp.float32),
+                "bias": jnp.zeros((num_classes,), jnp.float32),
+            },
+        }
+        if early_exit:
+            params["exit1"] = {
+                "kernel": _glorot(k4, (hidden, num_classes), jnp.float32),
+                "bias": jnp.zeros((num_classes,), jnp.float32),
+            }
+        return params
+
+    def apply(params, graph, *, train: bool = False, rng=None, node_mask=None, return_exit1: bool = False):
+        nodes, senders, receivers, graph_mask = graph_arrays(graph)
+        if node_mask is None:
+            node_mask = graph_mask
+        x = jnp.asarray(nodes, jnp.float32)
+        n = x.shape[0]
+        edge_coef, self_coef = gcn_normalization(senders, receivers, n, node_mask)
+        use_dropout = train and dropout > 0.0
+        if use_dropout:
+            if rng is None:
+                raise ValueError("apply(train=True) with dropout > 0 needs rng")
+            k1, k2 = jax.random.split(rng)
+
+        def conv(h, p):
+            return _propagate(h @ p["kernel"], senders, receivers, edge_coef, self_coef) + p["bias"]
+
+        h1 = jax.nn.relu(conv(x, params["conv1"]))
+        if use_dropout:
+            h1 = _dropout(h1, dropout, k1)
+        features = jax.nn.relu(conv(h1, params["conv2"]))
+        h2 = _dropout(features, dropout, k2) if use_dropout else features
+        logits = h2 @ params["classifier"]["kernel"] + params["classifier"]["bias"]
+        if return_exit1:
+            if "exit1" not in params:
+                raise ValueError("return_exit1=True needs params with 'exit1' (make_gcn(..., early_exit=True))")
+            exit1 = h1 @ params["exit1"]["kernel"] + params["exit1"]["bias"]
+            return logits, features, exit1
+        return logits, features
+
+    def prunable(params):
+        def layer(name, p):
+            conv = name.startswith("conv")
+            return {k: (k == "kernel") or not conv for k in p}
+
+        return {name: layer(name, p) for name, p in params.items()}
+
+    name = f"gcn(h={hidden}{',exit1' if early_exit else ''})"
+    return Model(name, init, apply, prunable, hidden, num_classes)
+
+
+def make_gcn_width(in_dim: int, num_classes: int, hidden: int, dropout: float = 0.5, *, early_exit: bool = False) -> Model:
+    """``make_gcn`` at another hidden width (width-scaled baselines: HeteroFL, FedRolex, ScaleFL)."""
+    return make_gcn(in_dim, num_classes, hidden=hidden, dropout=dropout, early_exit=early_exit)
