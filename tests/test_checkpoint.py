@@ -11,6 +11,10 @@ import pytest
 
 from framp_jax.checkpoint import CheckpointManager, CorruptCheckpointError
 
+# After a failed read, orbax's pending tensorstore futures may complete on a closed event loop
+# ("Event loop is closed"): harmless noise, surfaced by pytest as an unraisable exception.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 
 class ServerState(NamedTuple):
     params: dict
@@ -139,7 +143,6 @@ def _corrupt_cases():
     return [delete_arrays, truncate_arrays, flip_byte, delete_extra, truncate_metadata]
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax async noise
 @pytest.mark.parametrize("damage", _corrupt_cases(), ids=lambda f: f.__name__)
 def test_corrupt_checkpoint_raises(tmp_path, damage):
     m = CheckpointManager(tmp_path, keep=3)
