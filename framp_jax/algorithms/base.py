@@ -1,0 +1,95 @@
+"""The algorithm contract (optax/fedjax style): a factory returns pure functions.
+
+``init(key, data) -> state``; ``round(state, data, t) -> (state, metrics)`` is one jitted call
+per round (``t`` is traced, so N rounds compile once); ``eval_groups(state, data)`` lists the
+models to evaluate, each for a static set of clients.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+
+class FedData(NamedTuple):
+    """Device-resident federated data; every array has a leading client axis except union_*."""
+    train_x: Any      # uint8 [N, n_max, ...]
+    train_y: Any      # int32 [N, n_max]
+    train_count: Any  # int32 [N]
+    test_x: Any
+    test_y: Any
+    test_count: Any
+    budgets: Any      # float32 [N]
+    label_counts: Any  # float32 [N, K] train label histogram
+    union_x: Any      # the union of the clients' test data (full test set for vision)
+    union_y: Any
+
+
+class EvalGroup(NamedTuple):
+    apply: Callable
+    params: Any               # stacked [len(client_ids), ...] if per_client else one model
+    client_ids: np.ndarray    # static ids of the clients this group serves
+    per_client: bool = True
+    logits_fn: Callable | None = None  # optional transform of logits (not used for union)
+
+
+class Algorithm(NamedTuple):
+    name: str
+    init: Callable
+    round: Callable
+    eval_groups: Callable
+
+
+class Context(NamedTuple):
+    """What a method factory gets: the config, the model, static facts of the federation and a
+    ``vmap_clients`` that vmaps over clients (sharded over the ``clients`` mesh axis if any)."""
+    config: Any
+    model: Any
+    num_clients: int
+    num_classes: int
+    budgets: np.ndarray          # static per-client budgets
+    train_ids: np.ndarray        # clients that may be sampled (held-out ones excluded)
+    clients_per_round: int
+    local: Any                   # client.LocalConfig
+    mesh: Any = None
+
+    def vmap_clients(self, fn, in_axes=0, out_axes=0):
+        if self.mesh is None:
+            return jax.vmap(fn, in_axes=in_axes, out_axes=out_axes)
+        return jax.vmap(fn, in_axes=in_axes, out_axes=out_axes, spmd_axis_name="clients")
+
+    def shard_clients(self, tree):
+        """Constrain stacked per-client arrays to be split over the ``clients`` mesh axis."""
+        if self.mesh is None:
+            return tree
+        sh = NamedSharding(self.mesh, P("clients"))
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sh), tree)
+
+    def client_keys(self, t, ids):
+        """fold_in(fold_in(root_clients, round), client_id) for each sampled client."""
+        root = jax.random.fold_in(jax.random.key(self.config.seed), 0)
+        rk = jax.random.fold_in(root, t)
+        return jax.vmap(lambda i: jax.random.fold_in(rk, i))(ids)
+
+    def sample_clients(self, t):
+        """The round's participants, drawn without replacement from the trainable clients."""
+        k = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), 1), t)
+        ids = jnp.asarray(self.train_ids, jnp.int32)
+        return jax.random.choice(k, ids, (self.clients_per_round,), replace=False)
+
+    def gather(self, data: FedData, ids):
+        return self.shard_clients((data.train_x[ids], data.train_y[ids], data.train_count[ids]))
+
+    def init_key(self):
+        return jax.random.fold_in(jax.random.key(self.config.seed), 2)
+
+
+def round_metrics(losses, finite):
+    finite_f = finite.astype(jnp.float32)
+    n_ok = jnp.sum(finite_f)
+    loss = jnp.sum(jnp.where(finite, losses, 0.0)) / jnp.maximum(n_ok, 1.0)
+    return {"train_loss": jnp.where(n_ok > 0, loss, jnp.nan),
+            "nan_clients": jnp.sum(1 - finite.astype(jnp.int32))}

@@ -1,0 +1,134 @@
+"""Run configuration: defaults, presets' base, and validation before any work starts."""
+from __future__ import annotations
+
+import os
+
+import ml_collections as mlc
+
+METHODS = ("fedavg", "local", "framp", "heterofl", "fedrolex", "fiarse", "scalefl")
+VISION_DATASETS = ("cifar10", "cifar100")
+GRAPH_DATASETS = ("cora", "citeseer", "amazon_photo", "amazon_computers", "coauthor_cs",
+                  "coauthor_physics", "ogbn_arxiv")
+MODELS = ("cnn", "resnet18", "gcn")
+PARTITIONS = ("balanced_dirichlet", "dirichlet", "shards", "iid")
+TEST_PRIORS = ("matched", "fiarse_independent")
+
+
+class ConfigError(ValueError):
+    """A config field holds a value that is not allowed."""
+
+    def __init__(self, field, value, allowed):
+        super().__init__(f"config.{field}={value!r} is not allowed: {allowed}")
+        self.field = field
+
+
+def base_config() -> mlc.ConfigDict:
+    c = mlc.ConfigDict()
+    c.method = "fedavg"
+    c.dataset = "cifar10"
+    c.data_dir = ""            # "" = search: $FRAMP_DATA_DIR, ../shared/data, ~/.cache/framp_jax
+    c.seed = 0
+    c.model = "cnn"
+    c.conv_impl = "auto"       # auto | xla | im2col (benchmarks/bench_conv.py)
+    c.num_clients = 20
+    c.clients_per_round = 10
+    c.rounds = 100
+    c.local_steps = 20
+    c.batch_size = 20
+    c.lr = 0.05
+    c.momentum = 0.0
+    c.weight_decay = 0.0
+    c.grad_clip = 0.0
+    c.augment = True
+    c.partition = "balanced_dirichlet"
+    c.alpha = 0.3
+    c.test_prior = "matched"
+    c.classes_per_client = 2
+    c.budget_levels = (1.0, 0.25, 0.0625, 0.015625)
+    c.budget_dist = (1, 1, 1, 1)   # relative shares; contiguous by client index (FIARSE)
+    c.heldout_frac = 0.0           # clients per budget level held out of training (unseen)
+    c.eval_every = 20
+    c.eval_last = 1                # results.json "final" = mean of the last eval_last evals
+    c.eval_batch = 20
+    c.union_subset = 0             # >0: intermediate evals use this many union test samples
+    c.eval_model_chunk = 0         # >0: evaluate this many models at a time (memory)
+    c.checkpoint_every = 50
+    c.keep_checkpoints = 2
+    c.mesh_clients = 1             # devices on the 'clients' mesh axis (0 = all devices)
+    c.framp = mlc.ConfigDict()
+    return c
+
+
+def _check(cond, field, value, allowed):
+    if not cond:
+        raise ConfigError(field, value, allowed)
+
+
+def validate(c: mlc.ConfigDict) -> None:
+    """Raise ConfigError naming the field, the value and what is allowed."""
+    _check(c.method in METHODS, "method", c.method, f"one of {METHODS}")
+    ds = str(c.dataset)
+    _check(ds in VISION_DATASETS or ds in GRAPH_DATASETS or ds.startswith("npz:"), "dataset", ds,
+           f"one of {VISION_DATASETS + GRAPH_DATASETS} or 'npz:PATH'")
+    if ds.startswith("npz:"):
+        _check(os.path.isfile(ds[4:]), "dataset", ds, "npz:PATH must name an existing .npz file")
+    if c.data_dir:
+        _check(os.path.isdir(c.data_dir), "data_dir", c.data_dir, "an existing directory (or '' to search)")
+    _check(c.model in MODELS, "model", c.model, f"one of {MODELS}")
+    _check((c.model == "gcn") == (ds in GRAPH_DATASETS), "model", c.model,
+           "'gcn' for graph datasets, 'cnn' or 'resnet18' for image datasets")
+    _check(c.conv_impl in ("auto", "xla", "im2col"), "conv_impl", c.conv_impl, "auto, xla or im2col")
+    for f in ("num_clients", "clients_per_round", "rounds", "local_steps", "batch_size",
+              "eval_every", "eval_last", "eval_batch", "checkpoint_every", "keep_checkpoints"):
+        v = c[f]
+        _check(isinstance(v, int) and v >= 1, f, v, "an integer >= 1")
+    _check(c.lr > 0, "lr", c.lr, "a learning rate > 0")
+    _check(0 <= c.momentum < 1, "momentum", c.momentum, "in [0, 1)")
+    _check(c.weight_decay >= 0, "weight_decay", c.weight_decay, ">= 0")
+    _check(c.grad_clip >= 0, "grad_clip", c.grad_clip, ">= 0 (0 disables)")
+    _check(c.partition in PARTITIONS, "partition", c.partition, f"one of {PARTITIONS}")
+    _check(c.alpha > 0, "alpha", c.alpha, "a Dirichlet concentration > 0")
+    _check(c.test_prior in TEST_PRIORS, "test_prior", c.test_prior, f"one of {TEST_PRIORS}")
+    _check(isinstance(c.classes_per_client, int) and c.classes_per_client >= 1,
+           "classes_per_client", c.classes_per_client, "an integer >= 1")
+    levels = tuple(c.budget_levels)
+    _check(len(levels) >= 1, "budget_levels", levels, "at least one budget")
+    for b in levels:
+        _check(isinstance(b, (int, float)) and 0 < b <= 1, "budget_levels", levels,
+               "every budget in (0, 1] (the kept fraction of prunable parameters)")
+    dist = tuple(c.budget_dist)
+    _check(len(dist) == len(levels) and all(d >= 0 for d in dist) and sum(dist) > 0,
+           "budget_dist", dist, f"{len(levels)} non-negative shares, one per budget level")
+    _check(0 <= c.heldout_frac < 1, "heldout_frac", c.heldout_frac, "in [0, 1)")
+    n_train = c.num_clients - num_heldout(c)
+    _check(c.clients_per_round <= n_train, "clients_per_round", c.clients_per_round,
+           f"at most the {n_train} trainable clients (num_clients={c.num_clients}, "
+           f"heldout_frac={c.heldout_frac})")
+    _check(c.union_subset >= 0, "union_subset", c.union_subset, ">= 0 (0 = full union set)")
+    _check(c.mesh_clients >= 0, "mesh_clients", c.mesh_clients, ">= 0 (0 = all devices)")
+
+
+def num_heldout(c) -> int:
+    import numpy as np
+    return int(np.sum([len(ids) for ids in heldout_ids(c)])) if c.heldout_frac > 0 else 0
+
+
+def assign_budgets(c):
+    """Per-client budgets, contiguous by client index in proportion to budget_dist (FIARSE)."""
+    import numpy as np
+    n, dist = c.num_clients, np.asarray(c.budget_dist, np.float64)
+    counts = np.floor(n * dist / dist.sum()).astype(int)
+    counts[: n - counts.sum()] += 1  # hand the remainder to the first levels
+    return np.repeat(np.asarray(c.budget_levels, np.float64), counts)
+
+
+def heldout_ids(c):
+    """Per level, the last ceil(heldout_frac · n_level) clients are held out (never trained)."""
+    import numpy as np
+    b = assign_budgets(c)
+    out = []
+    for s in c.budget_levels:
+        ids = np.flatnonzero(np.isclose(b, s))
+        k = int(np.ceil(c.heldout_frac * len(ids))) if c.heldout_frac > 0 else 0
+        out.append(ids[len(ids) - k:] if k else ids[:0])
+    return out
