@@ -42,14 +42,20 @@ def correct_count(apply_fn, params, xb, yb, vb, mean, std, logits_fn=None):
 
 
 def local_accuracy(apply_fn, params_stack, test_x, test_y, test_count, mean, std, batch=20,
-                   logits_fns=None):
+                   logits_fn=None, label_counts=None, shared_params=False):
     """Accuracy of model i on client i's own test split; params_stack and test arrays share the
-    leading client axis."""
-    def one(p, x, y, c):
+    leading client axis (``shared_params``: one model for every client). ``logits_fn(logits,
+    label_counts_row)`` optionally transforms logits per client. Clients without test data get
+    NaN."""
+    lc = label_counts if label_counts is not None else jnp.zeros((test_x.shape[0], 1))
+
+    def one(p, x, y, c, row):
         xb, yb, vb = batch_for_eval(x, y, c, batch)
-        return correct_count(apply_fn, p, xb, yb, vb, mean, std)
-    correct = jax.vmap(one)(params_stack, test_x, test_y, test_count)
-    return correct / jnp.maximum(test_count, 1)
+        f = None if logits_fn is None else (lambda lg: logits_fn(lg, row))
+        return correct_count(apply_fn, p, xb, yb, vb, mean, std, f)
+    correct = jax.vmap(one, in_axes=(None if shared_params else 0, 0, 0, 0, 0))(
+        params_stack, test_x, test_y, test_count, lc)
+    return jnp.where(test_count > 0, correct / jnp.maximum(test_count, 1), jnp.nan)
 
 
 def union_accuracy(apply_fn, params_stack, x, y, mean, std, batch=20, model_chunk=None):
@@ -75,7 +81,7 @@ def summarize(budgets, local_acc=None, union_acc=None, levels=None):
         for s in levels:
             sel = np.isclose(budgets, s)
             if sel.any():
-                out[f"{name}/{budget_label(s)}"] = float(acc[sel].mean())
+                out[f"{name}/{budget_label(s)}"] = float(np.nanmean(acc[sel]))
                 per.append(out[f"{name}/{budget_label(s)}"])
-        out[f"{name}/mean"] = float(acc.mean()) if name == "local" else float(np.mean(per))
+        out[f"{name}/mean"] = float(np.nanmean(acc)) if name == "local" else float(np.mean(per))
     return out

@@ -152,17 +152,11 @@ def make_evaluator(alg, ctx: Context):
             if len(ids) == 0:
                 continue
             tx, ty, tc = data.test_x[ids], data.test_y[ids], data.test_count[ids]
-            apply = g.apply
-            if g.logits_fn is not None:
-                apply = lambda p, x, train=False, rng=None, _a=g.apply, _f=g.logits_fn: (
-                    (_f(_a(p, x, train=train)[0]), None))
+            la = local_accuracy(g.apply, g.params, tx, ty, tc, mean, std, c.eval_batch,
+                                g.local_logits_fn, data.label_counts[ids], not g.per_client)
             if g.per_client:
-                la = local_accuracy(apply, g.params, tx, ty, tc, mean, std, c.eval_batch)
                 ua = union_accuracy(g.apply, g.params, ux, uy, mean, std, c.eval_batch, chunk)
             else:
-                one = lambda x, y, n: local_accuracy(apply, jax.tree.map(lambda a: a[None], g.params),
-                                                     x[None], y[None], n[None], mean, std, c.eval_batch)[0]
-                la = jax.vmap(one)(tx, ty, tc)
                 single = jax.tree.map(lambda a: a[None], g.params)
                 ua = jnp.broadcast_to(union_accuracy(g.apply, single, ux, uy, mean, std,
                                                      c.eval_batch)[0], (len(ids),))

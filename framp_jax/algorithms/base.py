@@ -33,7 +33,9 @@ class EvalGroup(NamedTuple):
     params: Any               # stacked [len(client_ids), ...] if per_client else one model
     client_ids: np.ndarray    # static ids of the clients this group serves
     per_client: bool = True
-    logits_fn: Callable | None = None  # optional transform of logits (not used for union)
+    # optional ``local_logits_fn(logits, label_counts_row)`` applied in the Local evaluation only
+    # (HeteroFL's label-masked logits); the client's train label counts are passed.
+    local_logits_fn: Callable | None = None
 
 
 class Algorithm(NamedTuple):
@@ -79,6 +81,33 @@ class Context(NamedTuple):
         k = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), 1), t)
         ids = jnp.asarray(self.train_ids, jnp.int32)
         return jax.random.choice(k, ids, (self.clients_per_round,), replace=False)
+
+    def levels(self):
+        """The budget levels present among the trainable clients, in config order."""
+        tb = self.budgets[self.train_ids]
+        return [float(b) for b in self.config.budget_levels if np.isclose(tb, b).any()]
+
+    def sample_clients_by_level(self, t):
+        """Stratified participants for methods that train each budget level at its own static
+        shape: level l gets ``M // L`` clients plus one of the ``M % L`` extra slots, which rotate
+        with the round, so over L rounds every level gets exactly its share and each client's
+        participation rate matches uniform sampling when levels are equally populated.
+        Returns ``[(budget, ids[cap_l], valid[cap_l])]``: each level is padded to a static
+        ``cap_l = min(ceil(M / L), n_l)`` slots; ``valid`` marks real participants (padding slots
+        hold a real client whose update gets weight 0)."""
+        levels = self.levels()
+        L, M = len(levels), self.clients_per_round
+        base, rem = divmod(M, L)
+        k = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), 1), t)
+        out = []
+        for l, s in enumerate(levels):
+            pool = self.train_ids[np.isclose(self.budgets[self.train_ids], s)]
+            cap = min(base + (rem > 0), len(pool))
+            n_l = jnp.minimum(base + ((l - t) % L < rem).astype(jnp.int32), cap)
+            ids = jax.random.choice(jax.random.fold_in(k, l), jnp.asarray(pool, jnp.int32), (cap,),
+                                    replace=False)
+            out.append((s, ids, jnp.arange(cap) < n_l))
+        return out
 
     def gather(self, data: FedData, ids):
         return self.shard_clients((data.train_x[ids], data.train_y[ids], data.train_count[ids]))
