@@ -22,6 +22,8 @@ class LocalConfig(NamedTuple):
     weight_decay: float = 0.0
     grad_clip: float = 0.0          # global-norm clip; 0 disables
     augment: bool = True
+    full_batch: bool = False        # graphs: every step uses the client's whole (sub)graph
+    optimizer: str = "sgd"          # sgd | adam
     mean: tuple = (0.4914, 0.4822, 0.4465)
     std: tuple = (0.2023, 0.1994, 0.2010)
 
@@ -32,8 +34,11 @@ def make_optimizer(cfg: LocalConfig, lr=None) -> optax.GradientTransformation:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
     if cfg.weight_decay:
         parts.append(optax.add_decayed_weights(cfg.weight_decay))
-    parts.append(optax.sgd(cfg.lr if lr is None else lr,
-                           momentum=cfg.momentum if cfg.momentum else None))
+    rate = cfg.lr if lr is None else lr
+    if cfg.optimizer == "adam":
+        parts.append(optax.adam(rate))
+    else:
+        parts.append(optax.sgd(rate, momentum=cfg.momentum if cfg.momentum else None))
     return optax.chain(*parts)
 
 
@@ -72,6 +77,8 @@ def augment(key, x, pad: int = 4):
 
 
 def get_batch(key, x_u8, y, count, step, cfg: LocalConfig):
+    if cfg.full_batch:  # graph clients: the whole padded subgraph; y < 0 marks non-train nodes
+        return x_u8, y
     kb, ka = jax.random.split(jax.random.fold_in(key, step))
     idx = batch_indices(kb, count, x_u8.shape[0], step, cfg.batch_size)
     xb = normalize(x_u8[idx], cfg.mean, cfg.std)

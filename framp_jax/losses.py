@@ -6,12 +6,13 @@ import jax.numpy as jnp
 
 
 def cross_entropy(logits, labels, weights=None):
-    """Mean CE over the valid samples (``weights`` in {0,1}, default all ones)."""
+    """Mean CE over the valid samples: labels < 0 (unlabelled/padding nodes) are ignored, and
+    ``weights`` in {0,1} (default all ones) can drop more."""
     logp = jax.nn.log_softmax(logits)
-    nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
-    if weights is None:
-        return jnp.mean(nll)
-    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    valid = labels >= 0
+    nll = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[:, None], axis=-1)[:, 0]
+    w = valid.astype(logp.dtype) if weights is None else weights * valid
+    return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def label_masked_logits(logits, label_mask):

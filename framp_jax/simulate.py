@@ -32,6 +32,8 @@ class Problem(NamedTuple):
     ctx: Context
     info: dict
     summary: str
+    # optional (local_accuracy, union_accuracy) replacements with eval.py's signatures (graphs)
+    eval_fns: Any = None
 
 
 def _levels_ok(c):
@@ -138,9 +140,10 @@ class TraceCounter:
         return self.fn(*a, **k)
 
 
-def make_evaluator(alg, ctx: Context):
+def make_evaluator(alg, ctx: Context, eval_fns=None):
     """A jitted ``evaluate(state, data, union_x, union_y) -> (local_acc[N], union_acc[N])``."""
     c = ctx.config
+    local_accuracy_, union_accuracy_ = eval_fns or (local_accuracy, union_accuracy)
     mean, std = ctx.local.mean, ctx.local.std
     chunk = c.eval_model_chunk or None
 
@@ -151,14 +154,15 @@ def make_evaluator(alg, ctx: Context):
             ids = np.asarray(g.client_ids)
             if len(ids) == 0:
                 continue
-            tx, ty, tc = data.test_x[ids], data.test_y[ids], data.test_count[ids]
-            la = local_accuracy(g.apply, g.params, tx, ty, tc, mean, std, c.eval_batch,
+            tx = jax.tree.map(lambda a: a[ids], data.test_x)
+            ty, tc = data.test_y[ids], data.test_count[ids]
+            la = local_accuracy_(g.apply, g.params, tx, ty, tc, mean, std, c.eval_batch,
                                 g.local_logits_fn, data.label_counts[ids], not g.per_client)
             if g.per_client:
-                ua = union_accuracy(g.apply, g.params, ux, uy, mean, std, c.eval_batch, chunk)
+                ua = union_accuracy_(g.apply, g.params, ux, uy, mean, std, c.eval_batch, chunk)
             else:
                 single = jax.tree.map(lambda a: a[None], g.params)
-                ua = jnp.broadcast_to(union_accuracy(g.apply, single, ux, uy, mean, std,
+                ua = jnp.broadcast_to(union_accuracy_(g.apply, single, ux, uy, mean, std,
                                                      c.eval_batch)[0], (len(ids),))
             local = local.at[ids].set(la)
             union = union.at[ids].set(ua)
@@ -168,8 +172,10 @@ def make_evaluator(alg, ctx: Context):
 
 
 def union_subset(c, data: FedData):
+    if not c.union_subset:
+        return data.union_x, data.union_y
     n = data.union_x.shape[0]
-    if not c.union_subset or c.union_subset >= n:
+    if c.union_subset >= n:
         return data.union_x, data.union_y
     k = (c.union_subset // c.eval_batch) * c.eval_batch or c.eval_batch
     idx = np.sort(np.random.default_rng(c.seed).permutation(n)[:k])
@@ -217,7 +223,7 @@ def run(c, workdir: str, resume: bool = False, progress: bool = True, log=print)
 
     round_counter = TraceCounter(alg.round)
     round_fn = jax.jit(round_counter, donate_argnums=(0,))
-    evaluate = make_evaluator(alg, prob.ctx)
+    evaluate = make_evaluator(alg, prob.ctx, prob.eval_fns)
     data = prob.data
     ux_sub, uy_sub = union_subset(c, data)
 
@@ -237,7 +243,7 @@ def run(c, workdir: str, resume: bool = False, progress: bool = True, log=print)
         ux, uy = (data.union_x, data.union_y) if full else (ux_sub, uy_sub)
         la, ua = evaluate(state, data, ux, uy)
         m = eval_metrics(c, prob.ctx, la, ua)
-        m["union_samples"] = int(ux.shape[0])
+        m["union_samples"] = int(jnp.sum(uy >= 0))
         return m
 
     bar = None

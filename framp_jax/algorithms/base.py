@@ -110,7 +110,8 @@ class Context(NamedTuple):
         return out
 
     def gather(self, data: FedData, ids):
-        return self.shard_clients((data.train_x[ids], data.train_y[ids], data.train_count[ids]))
+        take = lambda tree: jax.tree.map(lambda a: a[ids], tree)  # x may be a graph pytree
+        return self.shard_clients((take(data.train_x), data.train_y[ids], data.train_count[ids]))
 
     def init_key(self):
         return jax.random.fold_in(jax.random.key(self.config.seed), 2)
