@@ -55,6 +55,12 @@ def base_config() -> mlc.ConfigDict:
     c.checkpoint_every = 50
     c.keep_checkpoints = 2
     c.mesh_clients = 1             # devices on the 'clients' mesh axis (0 = all devices)
+    # graph datasets (framp_jax.graph_engine; SPEC §2.1, §2.3, §2.4)
+    c.gcn_hidden = 128             # GCN hidden width (= prototype dimension)
+    c.dropout = 0.5                # GCN dropout
+    c.graph_split_seed = 123       # node split / partition seed (FedSheafHN's 123; -1 = c.seed)
+    c.graph_partition = "metis"    # metis | bfs
+    c.graph_ratio_train = 0.4      # train node fraction; test and val get half the rest each
     c.framp = mlc.ConfigDict()
     return c
 
@@ -106,6 +112,22 @@ def validate(c: mlc.ConfigDict) -> None:
            f"heldout_frac={c.heldout_frac})")
     _check(c.union_subset >= 0, "union_subset", c.union_subset, ">= 0 (0 = full union set)")
     _check(c.mesh_clients >= 0, "mesh_clients", c.mesh_clients, ">= 0 (0 = all devices)")
+    if ds in GRAPH_DATASETS:
+        validate_graph(c)
+
+
+def validate_graph(c) -> None:
+    """Options of the graph path (framp_jax.graph_engine)."""
+    _check(isinstance(c.gcn_hidden, int) and c.gcn_hidden >= 1, "gcn_hidden", c.gcn_hidden,
+           "an integer >= 1")
+    _check(0 <= c.dropout < 1, "dropout", c.dropout, "in [0, 1)")
+    _check(isinstance(c.graph_split_seed, int) and c.graph_split_seed >= -1, "graph_split_seed",
+           c.graph_split_seed, "an integer >= 0, or -1 to use config.seed")
+    _check(c.graph_partition in ("metis", "bfs"), "graph_partition", c.graph_partition,
+           "metis or bfs")
+    _check(0 < c.graph_ratio_train < 1, "graph_ratio_train", c.graph_ratio_train, "in (0, 1)")
+    _check(c.union_subset == 0, "union_subset", c.union_subset,
+           "0 for graph datasets (every evaluation uses all clients' test nodes)")
 
 
 def num_heldout(c) -> int:
