@@ -126,7 +126,13 @@ def is_finite_tree(tree):
 def class_prototypes(apply_fn, params, x_u8, y, count, num_classes: int, cfg: LocalConfig,
                      batch: int = 100):
     """Eval-mode, un-augmented pass over a client's training data: per-class mean features and
-    class counts (SPEC §1.6 local prototypes)."""
+    class counts (SPEC §1.6 local prototypes). Graph clients (``cfg.full_batch``): one pass
+    over the whole subgraph; labels < 0 (non-train nodes) are left out."""
+    if cfg.full_batch:
+        _, f = apply_fn(params, x_u8, train=False)
+        oh = jax.nn.one_hot(y, num_classes, dtype=f.dtype)  # all-zero rows for y < 0
+        counts = oh.sum(0)
+        return (oh.T @ f) / jnp.maximum(counts, 1.0)[:, None], counts
     n_max = x_u8.shape[0]
     nb = -(-n_max // batch)
     pad = nb * batch - n_max

@@ -61,8 +61,39 @@ def base_config() -> mlc.ConfigDict:
     c.graph_split_seed = 123       # node split / partition seed (FedSheafHN's 123; -1 = c.seed)
     c.graph_partition = "metis"    # metis | bfs
     c.graph_ratio_train = 0.4      # train node fraction; test and val get half the rest each
-    c.framp = mlc.ConfigDict()
+    c.framp = framp_defaults()
     return c
+
+
+def framp_defaults() -> mlc.ConfigDict:
+    """FRAMP's options (SPEC §1 and §5 defaults); every one is switchable from the config."""
+    f = mlc.ConfigDict()
+    f.descriptor = "label_hist+budget"  # | func_emb+budget | onehot_budget | budget_only
+    f.func_emb_steps = 50               # local steps behind a func_emb descriptor
+    f.hypernet = "chunked"              # key of framp_jax.hypernet.HYPERNETS
+    f.hn_hidden = 128
+    f.chunk_size = 16384
+    f.chunk_dim = 64
+    f.gen_hidden = 256
+    f.generate = "all"                  # | backbone (per-client local classifier)
+    f.extraction = "topk"               # | width (narrower pytrees per budget level)
+    f.width_rates = (1.0, 0.5, 0.25, 0.125)  # width per budget level (extraction="width")
+    f.scope = "global"                  # | groupwise (one top-k threshold per stage)
+    f.mask_grad = "masked"              # | fiarse_paper (threshold-aware gradient factor)
+    f.lam = 1.0                         # weight of the prototype-alignment loss
+    f.align = "fedproto"                # | batch_proto
+    f.proto_weighting = "count"         # | uniform (FedProto's code)
+    f.proto_samples = 0                 # local prototypes from the first N train samples (0 = all)
+    f.proto_bank = True                 # keep classes unseen this round
+    f.proto_noise_std = 0.0             # privacy: Gaussian noise on uploaded prototypes
+    f.proto_rotation = "none"           # | shared (secret common rotation) | per_client
+    f.hn_lr = 1e-3
+    f.hn_clip = 50.0
+    f.reduction = "mean"                # | sum over clients of the HN VJP
+    f.eval_mode = "generated"           # | finetuned
+    f.finetune_steps = 20               # local steps before evaluation in finetuned mode
+    f.unseen_budgets = ()               # budgets evaluated zero-shot at the end, e.g. (1/256, 1/2)
+    return f
 
 
 def _check(cond, field, value, allowed):
@@ -111,6 +142,8 @@ def validate(c: mlc.ConfigDict) -> None:
            f"at most the {n_train} trainable clients (num_clients={c.num_clients}, "
            f"heldout_frac={c.heldout_frac})")
     _check(c.union_subset >= 0, "union_subset", c.union_subset, ">= 0 (0 = full union set)")
+    if c.method == "framp":
+        validate_framp(c)
     _check(c.mesh_clients >= 0, "mesh_clients", c.mesh_clients, ">= 0 (0 = all devices)")
     if ds in GRAPH_DATASETS:
         validate_graph(c)
@@ -154,3 +187,35 @@ def heldout_ids(c):
         k = int(np.ceil(c.heldout_frac * len(ids))) if c.heldout_frac > 0 else 0
         out.append(ids[len(ids) - k:] if k else ids[:0])
     return out
+
+
+def validate_framp(c) -> None:
+    f = c.framp
+    opts = {"descriptor": ("label_hist+budget", "func_emb+budget", "onehot_budget", "budget_only"),
+            "generate": ("all", "backbone"), "extraction": ("topk", "width"),
+            "scope": ("global", "groupwise"), "mask_grad": ("masked", "fiarse_paper"),
+            "align": ("fedproto", "batch_proto"), "proto_weighting": ("count", "uniform"),
+            "proto_rotation": ("none", "shared", "per_client"), "reduction": ("mean", "sum"),
+            "eval_mode": ("generated", "finetuned")}
+    for k, allowed in opts.items():
+        _check(f[k] in allowed, f"framp.{k}", f[k], f"one of {allowed}")
+    from framp_jax.hypernet import HYPERNETS
+    _check(f.hypernet in HYPERNETS, "framp.hypernet", f.hypernet, f"one of {tuple(HYPERNETS)}")
+    _check(isinstance(f.proto_samples, int) and f.proto_samples >= 0, "framp.proto_samples",
+           f.proto_samples, "an integer >= 0 (0 = every training sample)")
+    for k in ("hn_hidden", "chunk_size", "chunk_dim", "gen_hidden", "func_emb_steps"):
+        _check(isinstance(f[k], int) and f[k] >= 1, f"framp.{k}", f[k], "an integer >= 1")
+    _check(f.lam >= 0, "framp.lam", f.lam, ">= 0")
+    _check(f.hn_lr > 0, "framp.hn_lr", f.hn_lr, "> 0")
+    _check(f.proto_noise_std >= 0, "framp.proto_noise_std", f.proto_noise_std, ">= 0")
+    _check(f.mask_grad == "masked" or f.scope == "global", "framp.mask_grad", f.mask_grad,
+           "'masked' when framp.scope='groupwise' (the threshold-aware factor uses one tau)")
+    _check(f.eval_mode == "generated" or f.finetune_steps >= 1, "framp.finetune_steps",
+           f.finetune_steps, ">= 1 with eval_mode='finetuned'")
+    for b in tuple(f.unseen_budgets):
+        _check(0 < b <= 1, "framp.unseen_budgets", tuple(f.unseen_budgets), "budgets in (0, 1]")
+    rates = tuple(f.width_rates)
+    _check(len(rates) == len(tuple(c.budget_levels)) and all(0 < r <= 1 for r in rates),
+           "framp.width_rates", rates, f"{len(tuple(c.budget_levels))} rates in (0, 1], one per budget level")
+    _check(not (f.descriptor == "onehot_budget" and tuple(f.unseen_budgets)), "framp.descriptor",
+           f.descriptor, "not onehot_budget when framp.unseen_budgets is set (it cannot encode them)")

@@ -43,6 +43,9 @@ class Algorithm(NamedTuple):
     init: Callable
     round: Callable
     eval_groups: Callable
+    # optional eval_groups_at_budget(state, data, budget): every client's model at another budget
+    # (unseen-budget sweeps, SPEC §1.10)
+    eval_groups_at_budget: Callable | None = None
 
 
 class Context(NamedTuple):

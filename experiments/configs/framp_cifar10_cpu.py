@@ -1,0 +1,20 @@
+"""FRAMP, small CNN on real CIFAR-10: the same data, clients, budgets, rounds and seed as
+fedavg_cifar10_cpu.py (about 15 minutes on 2 CPU cores)."""
+from importlib import util
+from pathlib import Path
+
+
+def _base():
+    spec = util.spec_from_file_location("fedavg_cpu", Path(__file__).with_name("fedavg_cifar10_cpu.py"))
+    mod = util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def get_config():
+    c = _base()
+    c.method = "framp"
+    c.framp.chunk_size = 4096   # 39 chunks for the 156k-parameter CNN
+    c.framp.proto_samples = 500  # prototypes from 500 of each client's 2500 samples (CPU time)
+    c.framp.unseen_budgets = (1 / 256, 1 / 128, 1 / 32, 1 / 8, 1 / 2)
+    return c
