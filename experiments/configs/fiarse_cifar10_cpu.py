@@ -1,0 +1,24 @@
+"""FIARSE, small CNN on real CIFAR-10: the FedAvg CPU preset's data, clients, budgets, rounds,
+seed and learning rate, with FIARSE's threshold-masked training and server rule."""
+import importlib.util
+import os
+
+import ml_collections as mlc
+
+
+def _fedavg_config():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fedavg_cifar10_cpu.py")
+    spec = importlib.util.spec_from_file_location("fedavg_cifar10_cpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def get_config():
+    c = _fedavg_config()
+    c.method = "fiarse"
+    c.fiarse = mlc.ConfigDict()
+    c.fiarse.scope = "global"        # global | groupwise (one threshold per stage group)
+    c.fiarse.mask_grad = "masked"    # masked (what the official code runs) | fiarse_paper
+    c.fiarse.server_lr = 1.0         # official --lr-global
+    return c
