@@ -87,6 +87,7 @@ def framp_defaults() -> mlc.ConfigDict:
     f.proto_bank = True                 # keep classes unseen this round
     f.proto_noise_std = 0.0             # privacy: Gaussian noise on uploaded prototypes
     f.proto_rotation = "none"           # | shared (secret common rotation) | per_client
+    f.hn_optimizer = "adam"             # | sgd
     f.hn_lr = 1e-3
     f.hn_clip = 50.0
     f.reduction = "mean"                # | sum over clients of the HN VJP
@@ -196,7 +197,7 @@ def validate_framp(c) -> None:
             "scope": ("global", "groupwise"), "mask_grad": ("masked", "fiarse_paper"),
             "align": ("fedproto", "batch_proto"), "proto_weighting": ("count", "uniform"),
             "proto_rotation": ("none", "shared", "per_client"), "reduction": ("mean", "sum"),
-            "eval_mode": ("generated", "finetuned")}
+            "eval_mode": ("generated", "finetuned"), "hn_optimizer": ("adam", "sgd")}
     for k, allowed in opts.items():
         _check(f[k] in allowed, f"framp.{k}", f[k], f"one of {allowed}")
     from framp_jax.hypernet import HYPERNETS

@@ -219,7 +219,6 @@ def run(c, workdir: str, resume: bool = False, progress: bool = True, log=print)
     resolved["_resolved"] = {"data": prob.info, "jax": jax.__version__, "backend": jax.default_backend(),
                              "devices": len(jax.devices()), "python": platform.python_version(),
                              "config_hash": config_hash(c)}
-    write_json_atomic(os.path.join(workdir, "config.json"), resolved)
 
     round_counter = TraceCounter(alg.round)
     round_fn = jax.jit(round_counter, donate_argnums=(0,))
@@ -237,6 +236,9 @@ def run(c, workdir: str, resume: bool = False, progress: bool = True, log=print)
         history = list(extra.get("history", []))
         metrics_csv.truncate_after(start)
         log(f"resumed from round {start}")
+    # written once a resume has passed the checkpoint's config check, so a refused --resume
+    # leaves the workdir's config.json describing the run its checkpoints belong to
+    write_json_atomic(os.path.join(workdir, "config.json"), resolved)
     tb = EventWriter(os.path.join(workdir, "tb"))
 
     def do_eval(t, full):
@@ -258,14 +260,14 @@ def run(c, workdir: str, resume: bool = False, progress: bool = True, log=print)
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         if not np.isfinite(m["train_loss"]):
             raise NonFiniteError(
-                f"round {t}: every participating client returned a NaN/Inf loss or update "
+                f"round {t + 1}: every participating client returned a NaN/Inf loss or update "
                 f"({int(m['nan_clients'])} clients); lower config.lr (now {c.lr}) or set "
                 "config.grad_clip. The last good checkpoint is kept in the workdir.")
         rnd = t + 1
         is_last = rnd == c.rounds
         if rnd % c.eval_every == 0 or is_last:
             if not _is_finite_state(state):
-                raise NonFiniteError(f"round {t}: the server state holds NaN/Inf values")
+                raise NonFiniteError(f"round {rnd}: the server state holds NaN/Inf values")
             ev = do_eval(t, full=is_last)
             row = {"round": rnd, **m, **ev, "wall_s": wall_before + time.time() - t0}
             metrics_csv.append(row)
@@ -289,10 +291,32 @@ def run(c, workdir: str, resume: bool = False, progress: bool = True, log=print)
     ckpt.wait()
     tb.close()
     results = make_results(c, history, wall, round_counter.count, prob, time.time() - t_setup - wall + wall_before)
+    sweep = budget_sweep(c, alg, prob, state)
+    if sweep:
+        results["unseen_budgets"] = sweep
     write_json_atomic(os.path.join(workdir, "results.json"), results)
     plot_budget_accuracy(history, os.path.join(workdir, "accuracy.png"),
                          title=f"{c.method} on {c.dataset} (seed {c.seed})")
     return results
+
+
+def budget_sweep(c, alg, prob, state):
+    """Every trained client's model at budgets never used in training (SPEC §1.10), zero-shot:
+    mean Local and Union accuracy over the trained clients per budget."""
+    budgets = tuple(c.framp.unseen_budgets) if c.method == "framp" else ()
+    if alg.eval_groups_at_budget is None or not budgets:
+        return {}
+    from framp_jax.eval import budget_label
+    held = np.concatenate(C.heldout_ids(c)) if c.heldout_frac > 0 else np.zeros((0,), int)
+    tr = np.setdiff1d(np.arange(c.num_clients), held)
+    out = {}
+    for b in budgets:
+        alg_b = alg._replace(eval_groups=lambda st, d, b=float(b): alg.eval_groups_at_budget(st, d, b))
+        la, ua = make_evaluator(alg_b, prob.ctx, prob.eval_fns)(state, prob.data, prob.data.union_x,
+                                                                prob.data.union_y)
+        out[budget_label(b)] = {"local": float(np.nanmean(np.asarray(la)[tr])),
+                                "union": float(np.mean(np.asarray(ua)[tr]))}
+    return out
 
 
 def make_results(c, history, wall, compiles, prob, setup_s=0.0):

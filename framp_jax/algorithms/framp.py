@@ -68,7 +68,8 @@ def framp(ctx: Context) -> Algorithm:
                  for k, v in template.items()}
     hn = HYPERNETS[fc.hypernet](template, generated, hidden=fc.hn_hidden, chunk_size=fc.chunk_size,
                                 chunk_dim=fc.chunk_dim, gen_hidden=fc.gen_hidden)
-    hn_opt = optax.chain(optax.clip_by_global_norm(fc.hn_clip), optax.adam(fc.hn_lr))
+    hn_opt = optax.chain(optax.clip_by_global_norm(fc.hn_clip),
+                         optax.adam(fc.hn_lr) if fc.hn_optimizer == "adam" else optax.sgd(fc.hn_lr))
     groups = M.stage_groups(template) if fc.scope == "groupwise" else None
     align_fn = ALIGN_FNS[fc.align]
     n_prunable = M.num_prunable(template, prunable)
@@ -77,8 +78,10 @@ def framp(ctx: Context) -> Algorithm:
     rot_shared = random_rotation(jax.random.fold_in(jax.random.key(c.seed), 5), F)
     width = fc.extraction == "width"
     if width:
-        from framp_jax.algorithms import framp_width
-        wx = framp_width.WidthExtraction(ctx, template)
+        from framp_jax.algorithms.framp_width import WidthExtraction
+        wx = WidthExtraction(ctx, template, prunable)
+        print("framp width extraction: kept fraction of prunable parameters per budget "
+              + ", ".join(f"{b:g}: {f:.4f}" for b, f in wx.fractions.items()))
 
     def generate(phi, desc, heads=None):
         theta = jax.vmap(hn.apply, in_axes=(None, 0))(phi, desc)
@@ -143,27 +146,28 @@ def framp(ctx: Context) -> Algorithm:
         bank = state["protos"] @ rot_shared.T if fc.proto_rotation == "shared" else state["protos"]
         return bank, state["proto_valid"]
 
+    def heads_of(state, ids):
+        """The local classifiers of clients ``ids`` (generate="backbone"), else None."""
+        return jax.tree.map(lambda a: a[ids], state["heads"]) if backbone else None
+
     def round_fn(state, data, t):
         phi = state["phi"]
         protos, valid = align_targets(state)
         if width:
-            ids, ok_slot, deltas_fn = wx.round_parts(state, data, t, phi, generate, make_loss,
-                                                      protos, valid)
-            theta_gen, vjp_fn = jax.vjp(lambda ph: generate(ph, state["desc"][ids],
-                                                             state.get("heads", None) and
-                                                             jax.tree.map(lambda a: a[ids], state["heads"])), phi)
-            delta, theta, pro, cnt, losses, kept = deltas_fn(theta_gen)
+            ids, ok_slot, vjp_fn, delta, cls, pro, cnt, losses, kept = wx.round(
+                state, data, t, phi, generate, lambda i: heads_of(state, i), make_loss,
+                local_prototypes, protos, valid)
         else:
             ids = ctx.sample_clients(t)
             ok_slot = jnp.ones(ids.shape, bool)
             x, y, n = ctx.gather(data, ids)
             keys = ctx.client_keys(t, ids)
-            heads = jax.tree.map(lambda a: a[ids], state["heads"]) if backbone else None
-            theta_gen, vjp_fn = jax.vjp(lambda ph: generate(ph, state["desc"][ids], heads), phi)
+            theta_gen, vjp_fn = jax.vjp(lambda ph: generate(ph, state["desc"][ids], heads_of(state, ids)), phi)
             theta_gen = ctx.shard_clients(theta_gen)
             run = ctx.vmap_clients(client_topk, in_axes=(0, 0, 0, 0, 0, 0, None, None))
             delta, theta, pro, cnt, losses, kept = run(theta_gen, data.budgets[ids], x, y, n, keys,
                                                        protos, valid)
+            cls = theta["classifier"]
         keys = ctx.client_keys(t, ids)
         pro = upload_protos(pro, keys)
         finite = (jax.vmap(is_finite_tree)(delta) & jnp.isfinite(losses)
@@ -182,8 +186,7 @@ def framp(ctx: Context) -> Algorithm:
         new["protos"], new["proto_valid"] = bank, bank_valid
         if backbone:
             old = jax.tree.map(lambda a: a[ids], state["heads"])
-            head = jax.tree.map(lambda a, o: jnp.where(_bcast(finite, a), a, o),
-                                theta["classifier"], old)
+            head = jax.tree.map(lambda a, o: jnp.where(_bcast(finite, a), a, o), cls, old)
             new["heads"] = jax.tree.map(lambda a, h: a.at[ids].set(h), state["heads"], head)
         okf = finite.astype(jnp.float32)
         loss = jnp.sum(jnp.where(finite, losses, 0.0)) / jnp.maximum(n_ok, 1.0)
@@ -196,16 +199,13 @@ def framp(ctx: Context) -> Algorithm:
             # SPEC §1.9, float32 values; uplink adds class counts; mask bits if sent explicitly
             "comm/down_bytes": 4.0 * jnp.sum(per_client_payload * ok_slot),
             "comm/up_bytes": 4.0 * jnp.sum((per_client_payload + K) * ok_slot),
-            "comm/mask_bytes": jnp.sum(ok_slot) * n_prunable / 8.0,
+            "comm/mask_bytes": (0.0 if width else 1.0) * jnp.sum(ok_slot) * n_prunable / 8.0,
             "kept_fraction": jnp.sum(kept * okf) / jnp.maximum(n_ok, 1.0) / n_prunable,
         }
         return new, metrics
 
     def models_at(state, desc, budgets, ids):
-        heads = jax.tree.map(lambda a: a[ids], state["heads"]) if backbone else None
-        theta = generate(state["phi"], desc, heads)
-        if width:
-            return wx.eval_models(theta, budgets)
+        theta = generate(state["phi"], desc, heads_of(state, ids))
         masks = jax.vmap(lambda th, b: M.topk_mask(th, prunable, b, groups))(theta, budgets)
         return M.apply_mask(theta, masks)
 
@@ -226,7 +226,7 @@ def framp(ctx: Context) -> Algorithm:
     def groups_for(state, data, desc, budgets):
         ids = np.arange(ctx.num_clients)
         if width:
-            return wx.eval_groups(state, data, desc, budgets, generate, models_at, ids)
+            return wx.eval_groups(state, generate, lambda i: heads_of(state, i))
         params = models_at(state, desc, budgets, jnp.asarray(ids))
         if fc.eval_mode == "finetuned":
             params = finetune(state, data, params, jnp.asarray(ids))
@@ -239,5 +239,8 @@ def framp(ctx: Context) -> Algorithm:
         desc = with_budget(state["desc"], fc.descriptor, budget, list(c.budget_levels))
         return groups_for(state, data, desc, jnp.full((ctx.num_clients,), budget, jnp.float32))
 
+    # internals, for tests and research code that wants to reuse the pieces
+    round_fn.parts = dict(hn=hn, generate=generate, client_topk=client_topk, make_loss=make_loss,
+                          prunable=prunable, template=template, models_at=models_at)
     return Algorithm("framp", init, round_fn, eval_groups,
                      None if width else eval_groups_at_budget)

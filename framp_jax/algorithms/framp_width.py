@@ -1,0 +1,107 @@
+"""FRAMP's ``extraction="width"`` (DESIGN "Varying width"): per client and layer keep the
+``ceil(r·C)`` output channels of largest norm in the *generated* weights, gather them into a
+genuinely narrower pytree, train it at its own static shape (each budget level vmapped
+separately inside the same jitted round), and scatter the delta back to full size for the HN's
+VJP (scatter on zeros is the adjoint of the gather, so the HN gets exactly the gradient of the
+gathered parameters).
+
+The feature unit (the classifier's input: the CNN's dense layer, ResNet-18's stage-4 stream) is
+kept at full width so every budget level produces prototypes of the same dimension and the
+alignment loss stays comparable across scales; the measured parameter fraction of each level is
+therefore a little above rate² (printed at start-up and in ``kept_fraction``).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from framp_jax import width as W
+from framp_jax.algorithms.base import EvalGroup
+from framp_jax.client import local_train
+from framp_jax.config import ConfigError
+
+FEATURE_UNITS = {"cnn": ("dense",), "resnet18": ("stage4",)}
+
+
+def spec_for(model_name: str):
+    if model_name.startswith("cnn"):
+        return W.cnn_spec(), FEATURE_UNITS["cnn"]
+    if model_name.startswith("resnet18"):
+        return W.resnet18_spec(), FEATURE_UNITS["resnet18"]
+    raise ConfigError("framp.extraction", "width",
+                      f"extraction='width' supports the cnn and resnet18 models, not {model_name}")
+
+
+class WidthExtraction:
+    def __init__(self, ctx, template, prunable):
+        c = ctx.config
+        self.ctx = ctx
+        self.spec, self.keep = spec_for(ctx.model.name)
+        self.sizes = W.check_spec(template, self.spec)
+        self.rates = {float(b): float(r) for b, r in zip(c.budget_levels, c.framp.width_rates)}
+        self.template, self.prunable = template, prunable
+        total = sum(int(np.prod(x.shape)) for x, f in
+                    zip(jax.tree.leaves(template), jax.tree.leaves(prunable)) if f)
+        self.kept = {}
+        for b, r in self.rates.items():
+            shapes = jax.eval_shape(lambda p: W.gather(p, self.spec, self.indices(p, r)), template)
+            self.kept[b] = sum(int(np.prod(x.shape)) for x, f in
+                               zip(jax.tree.leaves(shapes), jax.tree.leaves(prunable)) if f)
+        self.fractions = {b: k / total for b, k in self.kept.items()}
+
+    def indices(self, theta, rate):
+        idx = W.norm_topk_indices(theta, self.spec, rate)
+        for u in self.keep:
+            idx[u] = jnp.arange(self.sizes[u], dtype=jnp.int32)
+        return idx
+
+    def narrow(self, theta, rate):
+        return W.gather(theta, self.spec, self.indices(theta, rate))
+
+    def client(self, rate, make_loss, local_prototypes):
+        cfg = self.ctx.local
+
+        def run(theta_gen, x, y, n, key, protos, valid):
+            idx = self.indices(theta_gen, rate)
+            p0 = W.gather(theta_gen, self.spec, idx)
+            p, loss = local_train(make_loss(protos, valid), p0, None, x, y, n, key, cfg)
+            pro, cnt = local_prototypes(p, x, y, n)
+            zeros = jax.tree.map(jnp.zeros_like, theta_gen)
+            delta = W.scatter(zeros, jax.tree.map(jnp.subtract, p0, p), self.spec, idx)
+            return delta, p["classifier"], pro, cnt, loss
+        return run
+
+    def round(self, state, data, t, phi, generate, heads_of, make_loss, local_prototypes,
+              protos, valid):
+        """Generate all participants at once (one VJP), then train each level at its shape."""
+        ctx = self.ctx
+        groups = ctx.sample_clients_by_level(t)
+        ids = jnp.concatenate([g[1] for g in groups])
+        ok = jnp.concatenate([g[2] for g in groups])
+        theta_gen, vjp_fn = jax.vjp(lambda ph: generate(ph, state["desc"][ids], heads_of(ids)), phi)
+        outs, kept, off = [], [], 0
+        for budget, lid, _ in groups:
+            m = lid.shape[0]
+            th = jax.tree.map(lambda a: a[off:off + m], theta_gen)
+            x, y, n = ctx.gather(data, lid)
+            keys = ctx.client_keys(t, lid)
+            run = ctx.vmap_clients(self.client(self.rates[budget], make_loss, local_prototypes),
+                                   in_axes=(0, 0, 0, 0, 0, None, None))
+            outs.append(run(th, x, y, n, keys, protos, valid))
+            kept.append(jnp.full((m,), float(self.kept[budget])))
+            off += m
+        cat = lambda *xs: jnp.concatenate(xs, axis=0)
+        delta, cls, pro, cnt, losses = jax.tree.map(cat, *outs)
+        return ids, ok, vjp_fn, delta, cls, pro, cnt, losses, jnp.concatenate(kept)
+
+    def eval_groups(self, state, generate, heads_of):
+        out = []
+        for b, r in self.rates.items():
+            ids = np.flatnonzero(np.isclose(self.ctx.budgets, b))
+            if len(ids) == 0:
+                continue
+            th = generate(state["phi"], state["desc"][jnp.asarray(ids)], heads_of(jnp.asarray(ids)))
+            params = jax.vmap(lambda t, r=r: self.narrow(t, r))(th)
+            out.append(EvalGroup(self.ctx.model.apply, params, ids, per_client=True))
+        return out

@@ -1,0 +1,268 @@
+"""FRAMP: hypernetwork, submodels, alignment, prototypes, HN update, robustness, determinism."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from framp_jax import masks as M
+from framp_jax import simulate
+from framp_jax.algorithms.framp import aggregate_prototypes
+from framp_jax.client import local_train
+from framp_jax.config import ConfigError, base_config, validate
+from framp_jax.hypernet import chunked_hypernet
+from framp_jax.losses import proto_align_batch, proto_align_fedproto
+from framp_jax.models.cnn import make_cnn
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory):
+    """4 learnable classes of 8x8 RGB images (class = dominant colour channel pattern)."""
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        y = rng.integers(0, 4, n)
+        x = rng.integers(0, 90, (n, 8, 8, 3))
+        for k in range(4):
+            x[y == k, :, :, k % 3] += 120 + 40 * (k // 3)
+        return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
+    xtr, ytr = make(480)
+    xte, yte = make(160)
+    p = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(p, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    return str(p)
+
+
+def tiny_config(path, **kw):
+    c = base_config()
+    c.method = "framp"
+    c.dataset = f"npz:{path}"
+    c.num_clients, c.clients_per_round, c.rounds = 8, 4, 3
+    c.local_steps, c.batch_size, c.lr = 3, 10, 0.05
+    c.eval_every, c.checkpoint_every = 3, 3
+    c.framp.chunk_size = 2048
+    c.framp.hn_hidden, c.framp.gen_hidden, c.framp.chunk_dim = 16, 32, 8
+    for k, v in kw.items():
+        node, *rest = k.split("__")
+        if rest:
+            c[node][rest[0]] = v
+        else:
+            c[k] = v
+    return c
+
+
+def _setup(c):
+    prob = simulate.build_problem(c, verbose=False)
+    alg = simulate.build_algorithm(prob.ctx)
+    return prob, alg, alg.init(jax.random.key(c.seed), prob.data)
+
+
+def test_hypernet_generates_template_at_init_scale():
+    model = make_cnn(10, (32, 32, 3))
+    tpl = model.init(jax.random.key(0))
+    hn = chunked_hypernet(tpl, chunk_size=4096, hidden=32, gen_hidden=64, chunk_dim=8)
+    desc = jax.random.uniform(jax.random.key(1), (6, 11))
+    phi = hn.init(jax.random.key(2), desc)
+    th = jax.vmap(hn.apply, (None, 0))(phi, desc)
+    assert jax.tree.structure(th) == jax.tree.structure(jax.tree.map(lambda a: a[None], tpl))
+    k = th["conv2"]["kernel"]
+    he = np.sqrt(2.0 / (3 * 3 * 16))
+    assert 0.5 * he < float(jnp.std(k)) < 1.5 * he  # standard He scale at step 0
+    assert float(jnp.std(th["dense"]["bias"])) < 0.05
+    # different descriptors give different models
+    assert float(jnp.abs(th["conv1"]["kernel"][0] - th["conv1"]["kernel"][1]).max()) > 1e-3
+
+
+def test_quarter_budget_keeps_quarter_of_generated_prunable_entries():
+    model = make_cnn(10, (32, 32, 3))
+    tpl = model.init(jax.random.key(0))
+    pr = model.prunable(tpl)
+    hn = chunked_hypernet(tpl, chunk_size=4096, hidden=16, gen_hidden=32, chunk_dim=8)
+    desc = jnp.ones((1, 5))
+    th = hn.apply(hn.init(jax.random.key(1), desc), desc[0])
+    P = M.num_prunable(th, pr)
+    for b in (0.25, 1 / 16, 1 / 64):
+        m = M.topk_mask(th, pr, b)
+        kept = sum(int(x.sum()) for x, f in zip(jax.tree.leaves(m), jax.tree.leaves(pr)) if f)
+        assert kept == int(np.floor(b * P))  # continuous values: no ties
+        # non-prunable (hidden biases) always kept
+        assert all(bool(jnp.all(x == 1)) for x, f in zip(jax.tree.leaves(m), jax.tree.leaves(pr)) if not f)
+
+
+def test_pruned_entries_stay_zero_after_local_training(tiny_npz):
+    c = tiny_config(tiny_npz)
+    prob, alg, st = _setup(c)
+    parts = alg.round.parts
+    ids = jnp.array([0, 5])
+    th = parts["generate"](st["phi"], st["desc"][ids])
+    x, y, n = prob.ctx.gather(prob.data, ids)
+    keys = prob.ctx.client_keys(0, ids)
+    budgets = jnp.array([0.25, 1 / 16])
+    delta, theta, pro, cnt, loss, kept = jax.vmap(
+        parts["client_topk"], in_axes=(0, 0, 0, 0, 0, 0, None, None))(
+        th, budgets, x, y, n, keys, st["protos"], st["proto_valid"])
+    for i in range(2):
+        thi = jax.tree.map(lambda a: a[i], th)
+        m = M.topk_mask(thi, parts["prunable"], budgets[i])
+        for mm, tt, dd in zip(jax.tree.leaves(m), jax.tree.leaves(jax.tree.map(lambda a: a[i], theta)),
+                              jax.tree.leaves(jax.tree.map(lambda a: a[i], delta))):
+            assert bool(jnp.all(jnp.where(mm == 0, tt, 0.0) == 0.0))
+            assert bool(jnp.all(jnp.where(mm == 0, dd, 0.0) == 0.0))
+        # training moved the kept entries
+        assert float(sum(jnp.abs(d[i]).sum() for d in jax.tree.leaves(delta))) > 0
+
+
+def test_alignment_losses_match_hand_computation():
+    f = jnp.array([[1.0, 2.0], [3.0, 0.0], [0.0, 1.0]])
+    y = jnp.array([0, 1, 2])
+    protos = jnp.array([[0.0, 2.0], [1.0, 1.0], [5.0, 5.0]])
+    valid = jnp.array([True, True, False])
+    # fedproto: (|(1,0)|^2 + |(2,-1)|^2 + 0 [class 2 has no prototype]) / (3 * 2)
+    assert np.isclose(float(proto_align_fedproto(f, y, protos, valid)), (1 + 5) / 6)
+    # batch prototypes: classes 0 and 1 present with prototypes; (1 + 5) / (2 * 2)
+    assert np.isclose(float(proto_align_batch(f, y, protos, valid)), (1 + 5) / 4)
+    y2 = jnp.array([0, 0, 1])  # class 0 mean (2, 1): |(2,-1)|^2 = 5; class 1 (0,1)-(1,1): 1
+    assert np.isclose(float(proto_align_batch(f, y2, protos, valid)), (5 + 1) / 4)
+    assert float(proto_align_fedproto(f, y, protos, jnp.zeros(3, bool))) == 0.0
+
+
+def test_prototype_aggregation_weights_by_counts_and_keeps_bank():
+    protos = jnp.array([[[1.0], [10.0], [0.0]], [[4.0], [0.0], [0.0]]])  # [M=2, K=3, F=1]
+    counts = jnp.array([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]])
+    bank = jnp.array([[9.0], [9.0], [7.0]])
+    new, valid = aggregate_prototypes(protos, counts, jnp.array([True, True]), bank,
+                                      jnp.array([True, True, True]))
+    np.testing.assert_allclose(np.asarray(new)[:, 0], [(1 * 1 + 3 * 4) / 4, 10.0, 7.0])
+    assert np.asarray(valid).tolist() == [True, True, True]
+    uni, _ = aggregate_prototypes(protos, counts, jnp.array([True, True]), bank,
+                                  jnp.zeros(3, bool), weighting="uniform")
+    np.testing.assert_allclose(np.asarray(uni)[:, 0], [2.5, 10.0, 7.0])
+    # a dropped client contributes nothing
+    drop, _ = aggregate_prototypes(protos, counts, jnp.array([True, False]), bank, jnp.zeros(3, bool))
+    np.testing.assert_allclose(np.asarray(drop)[:, 0], [1.0, 10.0, 7.0])
+    nob, v2 = aggregate_prototypes(protos, counts, jnp.array([True, True]), bank,
+                                   jnp.zeros(3, bool), keep=False)
+    assert np.asarray(v2).tolist() == [True, True, False] and float(nob[2, 0]) == 0.0
+
+
+def test_hn_gradient_is_vjp_of_client_deltas(tiny_npz):
+    """With SGD(lr=1) and no clipping, phi_new = phi - grad_phi (1/M) sum_i <theta_i(phi), delta_i>
+    where delta_i = theta_sent - theta_trained (pFedHN sign)."""
+    c = tiny_config(tiny_npz, framp__hn_optimizer="sgd", framp__hn_lr=1.0, framp__hn_clip=1e9,
+                    clients_per_round=8)
+    prob, alg, st = _setup(c)
+    parts = alg.round.parts
+    ids = prob.ctx.sample_clients(0)
+    desc = st["desc"][ids]
+    th = parts["generate"](st["phi"], desc)
+    x, y, n = prob.ctx.gather(prob.data, ids)
+    delta = jax.vmap(parts["client_topk"], in_axes=(0, 0, 0, 0, 0, 0, None, None))(
+        th, prob.data.budgets[ids], x, y, n, prob.ctx.client_keys(0, ids), st["protos"],
+        st["proto_valid"])[0]
+    phi0 = jax.tree.map(jnp.copy, st["phi"])
+    direct = jax.grad(lambda ph: sum(jnp.vdot(a, b) for a, b in zip(
+        jax.tree.leaves(parts["generate"](ph, desc)), jax.tree.leaves(delta))) / len(ids))(phi0)
+    new, _ = jax.jit(alg.round)(st, prob.data, jnp.int32(0))
+    for a, b, g in zip(jax.tree.leaves(phi0), jax.tree.leaves(new["phi"]), jax.tree.leaves(direct)):
+        np.testing.assert_allclose(np.asarray(a - b), np.asarray(g), rtol=2e-3, atol=1e-6)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(direct)) > 0
+
+
+def _poison_model(model):
+    """Returns NaN logits for any batch containing an all-white image."""
+    def apply(params, x, *, train=False, rng=None):
+        logits, f = model.apply(params, x, train=train, rng=rng)
+        bad = jnp.any(jnp.all(x.reshape(x.shape[0], -1) >= 0.999, axis=-1))
+        return logits + jnp.where(bad, jnp.nan, 0.0), f + jnp.where(bad, jnp.nan, 0.0)
+    return model._replace(apply=apply)
+
+
+def test_nan_client_changes_nothing(tiny_npz):
+    c = tiny_config(tiny_npz, clients_per_round=8)
+    prob = simulate.build_problem(c, verbose=False)
+    ctx = prob.ctx._replace(model=_poison_model(prob.model))
+    alg = simulate.build_algorithm(ctx)
+    st0 = alg.init(jax.random.key(0), prob.data)
+    rnd = jax.jit(alg.round)
+    j = 3
+    outs = []
+    for label in (0, 2):  # two different poisoned datasets for client j
+        d = prob.data._replace(train_x=prob.data.train_x.at[j].set(255),
+                               train_y=prob.data.train_y.at[j].set(label))
+        outs.append(rnd(jax.tree.map(jnp.copy, st0), d, jnp.int32(0)))
+    (a, ma), (b, mb) = outs
+    assert int(ma["nan_clients"]) == 1 and int(mb["nan_clients"]) == 1
+    for x1, x2 in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert bool(jnp.all(x1 == x2))
+        if jnp.issubdtype(x1.dtype, jnp.floating):
+            assert bool(jnp.all(jnp.isfinite(x1)))
+    clean, mc = rnd(jax.tree.map(jnp.copy, st0), prob.data, jnp.int32(0))
+    assert int(mc["nan_clients"]) == 0
+    assert not all(bool(jnp.all(x1 == x2)) for x1, x2 in zip(jax.tree.leaves(a["phi"]),
+                                                              jax.tree.leaves(clean["phi"])))
+
+
+def test_same_seed_same_metrics_and_one_compile(tiny_npz, tmp_path):
+    c = tiny_config(tiny_npz)
+    r1 = simulate.run(c, str(tmp_path / "a"), progress=False, log=lambda *_: None)
+    r2 = simulate.run(c, str(tmp_path / "b"), progress=False, log=lambda *_: None)
+    assert r1["final"] == r2["final"] and r1["compiles"] == 1
+    rows = [open(tmp_path / d / "metrics.csv").read().splitlines() for d in "ab"]
+    strip = lambda r: [",".join(x.split(",")[:-1]) for x in r]  # wall_s is the last column
+    assert strip(rows[0]) == strip(rows[1])
+    c2 = tiny_config(tiny_npz, seed=1)
+    r3 = simulate.run(c2, str(tmp_path / "c"), progress=False, log=lambda *_: None)
+    assert r3["final"] != r1["final"]
+
+
+def test_unseen_clients_get_zero_shot_models(tiny_npz, tmp_path):
+    c = tiny_config(tiny_npz, heldout_frac=0.5, clients_per_round=4, rounds=6,
+                    framp__unseen_budgets=(1 / 256, 0.5))
+    prob, alg, st = _setup(c)
+    held = set(prob.info["heldout_ids"])
+    assert len(held) == 4
+    for t in range(30):  # held-out clients are never sampled
+        assert not held & set(np.asarray(prob.ctx.sample_clients(t)).tolist())
+    res = simulate.run(c, str(tmp_path / "u"), progress=False, log=lambda *_: None)
+    assert set(res["final"]["unseen/local"]) >= {"1", "1/4", "1/16", "1/64", "mean"}
+    assert 0.0 <= res["final"]["unseen/local"]["mean"] <= 1.0
+    assert set(res["unseen_budgets"]) == {"1/256", "1/2"}
+    # the zero-shot model of a held-out client comes from its descriptor alone
+    h = sorted(held)
+    th = alg.round.parts["generate"](st["phi"], st["desc"][jnp.array(h[:2])])
+    assert float(jnp.abs(th["classifier"]["kernel"][0] - th["classifier"]["kernel"][1]).max()) > 0
+
+
+@pytest.mark.parametrize("opt", [dict(framp__generate="backbone"), dict(framp__scope="groupwise"),
+                                 dict(framp__mask_grad="fiarse_paper"), dict(framp__align="batch_proto"),
+                                 dict(framp__descriptor="onehot_budget"),
+                                 dict(framp__descriptor="func_emb+budget", framp__func_emb_steps=2),
+                                 dict(framp__eval_mode="finetuned", framp__finetune_steps=2),
+                                 dict(framp__proto_rotation="shared", framp__proto_noise_std=0.1)])
+def test_options_run(tiny_npz, tmp_path, opt):
+    c = tiny_config(tiny_npz, rounds=2, eval_every=2, **opt)
+    res = simulate.run(c, str(tmp_path / "o"), progress=False, log=lambda *_: None)
+    assert 0.0 <= res["final"]["local"]["mean"] <= 1.0 and res["compiles"] == 1
+
+
+def test_shared_rotation_does_not_change_training(tiny_npz):
+    """A secret rotation shared by the clients hides prototypes from the server but leaves the
+    alignment targets (and so training) unchanged, up to float rounding."""
+    outs = []
+    for rot in ("none", "shared"):
+        c = tiny_config(tiny_npz, framp__proto_rotation=rot)
+        prob, alg, st = _setup(c)
+        rnd = jax.jit(alg.round)
+        for t in range(2):
+            st, m = rnd(st, prob.data, jnp.int32(t))
+        outs.append(float(m["train_loss"]))
+    assert np.isclose(outs[0], outs[1], rtol=1e-4)
+
+
+def test_framp_config_errors(tiny_npz):
+    for k, v in [("framp__extraction", "magic"), ("framp__lam", -1.0), ("framp__hypernet", "nope"),
+                 ("framp__width_rates", (1.0, 0.5))]:
+        c = tiny_config(tiny_npz, **{k: v})
+        with pytest.raises(ConfigError, match=k.split("__")[1]):
+            validate(c)
