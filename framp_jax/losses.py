@@ -24,15 +24,15 @@ def proto_align_fedproto(features, labels, protos, proto_valid, weights=None):
     """FedProto form: MSE(z_b, P[y_b]) averaged over batch × dim (SPEC §1.6).
 
     Samples whose class has no global prototype target themselves (zero loss) but still count in
-    the B·d denominator, as in FedProto; with no prototypes at all the term is 0.
+    the B·d denominator, as in FedProto; with no prototypes at all the term is 0. Labels < 0
+    (graph clients' non-train and padding nodes) are left out of both sums.
     """
-    target = protos[labels]
-    has = proto_valid[labels].astype(features.dtype)
-    if weights is not None:
-        has = has * weights
-        denom = jnp.maximum(jnp.sum(weights), 1.0) * features.shape[-1]
-    else:
-        denom = features.shape[0] * features.shape[-1]
+    valid = (labels >= 0).astype(features.dtype)  # graph clients: -1 marks non-train nodes
+    lab = jnp.maximum(labels, 0)
+    target = protos[lab]
+    w = valid if weights is None else weights * valid
+    has = proto_valid[lab].astype(features.dtype) * w
+    denom = jnp.maximum(jnp.sum(w), 1.0) * features.shape[-1]
     return jnp.sum(jnp.square(features - target) * has[:, None]) / denom
 
 

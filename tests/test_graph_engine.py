@@ -178,9 +178,12 @@ def test_graph_config_validation():
     keys = ("dataset", "seed", "graph_split_seed", "num_clients", "clients_per_round", "rounds",
             "local_steps", "lr", "weight_decay", "dropout", "budget_levels", "budget_dist")
     ref = _preset("fedavg_cora")
-    for name in ("local_cora",):
+    for name in ("local_cora", "framp_cora", "fiarse_cora", "scalefl_cora"):
         c = _preset(name)
-        assert all(c[k] == ref[k] for k in keys), name
+        # FIARSE refuses weight decay (pruned entries would move and count as trained)
+        same = [k for k in keys if not (name == "fiarse_cora" and k == "weight_decay")]
+        assert all(c[k] == ref[k] for k in same), name
+        assert c.method == name.split("_")[0]
 
 
 @needs_cora
@@ -223,3 +226,18 @@ def test_short_cora_run(tmp_path, method):
         (tmp_path / "config.json").read_text())["_resolved"]["data"]["union_size"]
     if method == "fedavg":  # one global model: its union accuracy at budget 1 is a single value
         assert float(last["union/1"]) > 0
+
+
+def test_fedproto_alignment_ignores_unlabelled_nodes():
+    """Graph clients' non-train/padding nodes carry label -1: they add nothing to the FedProto
+    alignment term and do not count in its denominator (protos[-1] would otherwise pull them to
+    the last class's prototype)."""
+    from framp_jax.losses import proto_align_fedproto
+    f = jnp.asarray([[1.0, 0.0], [0.0, 2.0], [5.0, 5.0], [3.0, 3.0]])
+    protos = jnp.asarray([[0.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    valid = jnp.asarray([True, True, True])
+    y = jnp.asarray([0, 1, -1, -1])
+    # (|[1,0]-[0,0]|^2 + |[0,2]-[0,1]|^2) / (2 labelled nodes x 2 dims)
+    np.testing.assert_allclose(float(proto_align_fedproto(f, y, protos, valid)), 2.0 / 4, rtol=1e-6)
+    np.testing.assert_allclose(float(proto_align_fedproto(f[:2], y[:2], protos, valid)), 2.0 / 4,
+                               rtol=1e-6)
