@@ -221,10 +221,14 @@ def run(c, workdir: str, resume: bool = False, progress: bool = True, log=print)
                              "config_hash": config_hash(c)}
 
     round_counter = TraceCounter(alg.round)
-    round_fn = jax.jit(round_counter, donate_argnums=(0,))
+    mesh = prob.ctx.mesh
+    # On a mesh the round returns its state replicated over the devices; pinning that placement
+    # (here and for the first round's input below) keeps one trace/compile for every round.
+    replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    round_fn = jax.jit(round_counter, donate_argnums=(0,),
+                       **({} if replicated is None else {"out_shardings": replicated}))
     evaluate = make_evaluator(alg, prob.ctx, prob.eval_fns)
     data = prob.data
-    ux_sub, uy_sub = union_subset(c, data)
 
     state = alg.init(jax.random.key(c.seed), data)
     start, wall_before, history = 0, 0.0, []
@@ -236,6 +240,9 @@ def run(c, workdir: str, resume: bool = False, progress: bool = True, log=print)
         history = list(extra.get("history", []))
         metrics_csv.truncate_after(start)
         log(f"resumed from round {start}")
+    if replicated is not None:  # placed once, not transferred to the mesh every round
+        state, data = jax.device_put((state, data), replicated)
+    ux_sub, uy_sub = union_subset(c, data)
     # written once a resume has passed the checkpoint's config check, so a refused --resume
     # leaves the workdir's config.json describing the run its checkpoints belong to
     write_json_atomic(os.path.join(workdir, "config.json"), resolved)
