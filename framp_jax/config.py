@@ -215,6 +215,10 @@ def validate_framp(c) -> None:
            f.finetune_steps, ">= 1 with eval_mode='finetuned'")
     for b in tuple(f.unseen_budgets):
         _check(0 < b <= 1, "framp.unseen_budgets", tuple(f.unseen_budgets), "budgets in (0, 1]")
+    _check(f.extraction == "topk" or f.proto_rotation == "none", "framp.proto_rotation",
+           f.proto_rotation, "'none' with extraction='width' (clients hold different feature channels)")
+    _check(f.extraction == "topk" or f.generate == "all", "framp.generate", f.generate,
+           "'all' with extraction='width'")
     rates = tuple(f.width_rates)
     _check(len(rates) == len(tuple(c.budget_levels)) and all(0 < r <= 1 for r in rates),
            "framp.width_rates", rates, f"{len(tuple(c.budget_levels))} rates in (0, 1], one per budget level")

@@ -146,6 +146,47 @@ def test_prototype_aggregation_weights_by_counts_and_keeps_bank():
     assert np.asarray(v2).tolist() == [True, True, False] and float(nob[2, 0]) == 0.0
 
 
+def test_prototype_aggregation_per_feature_channel():
+    """Width extraction: each (class, channel) is averaged over the clients holding the channel."""
+    protos = jnp.array([[[1.0, 2.0]], [[3.0, 0.0]]])  # M=2, K=1, F=2
+    counts = jnp.array([[1.0], [1.0]])
+    dm = jnp.array([[1.0, 1.0], [1.0, 0.0]])         # client 1 lacks channel 1
+    new, _ = aggregate_prototypes(protos, counts, jnp.array([True, True]), jnp.full((1, 2), 9.0),
+                                  jnp.zeros(1, bool), dim_mask=dm)
+    np.testing.assert_allclose(np.asarray(new), [[2.0, 2.0]])
+    only1, _ = aggregate_prototypes(protos, counts, jnp.array([False, True]), jnp.full((1, 2), 9.0),
+                                    jnp.zeros(1, bool), dim_mask=dm)
+    np.testing.assert_allclose(np.asarray(only1), [[3.0, 9.0]])  # unheld channel keeps the bank
+
+
+def test_width_extraction_trains_narrow_models(tiny_npz):
+    from framp_jax import width as W
+    c = tiny_config(tiny_npz, framp__extraction="width")
+    prob, alg, st = _setup(c)
+    wx_fracs = {}
+    tpl = alg.round.parts["template"]
+    pr = alg.round.parts["prunable"]
+    th = alg.round.parts["generate"](st["phi"], st["desc"][:1])
+    th0 = jax.tree.map(lambda a: a[0], th)
+    from framp_jax.algorithms.framp_width import WidthExtraction
+    wx = WidthExtraction(prob.ctx, tpl, pr)
+    for b, r in wx.rates.items():
+        nar = wx.narrow(th0, r)
+        # genuinely narrower: conv2 kernel is [3,3,ceil(r*16)... ] of the largest-norm channels
+        k2 = th0["conv2"]["kernel"]
+        norms = jnp.sqrt(jnp.sum(jnp.square(k2), axis=(0, 1, 2)))
+        keep = np.sort(np.argsort(-np.asarray(norms), kind="stable")[:W.width_of(k2.shape[-1], r)])
+        assert nar["conv2"]["kernel"].shape[-1] == len(keep)
+        np.testing.assert_array_equal(np.asarray(wx.indices(th0, r)["conv2"]), keep)
+        wx_fracs[b] = wx.fractions[b]
+    # parameter fraction falls roughly with rate^2 (the image-input and class axes are not cut)
+    assert wx_fracs[1.0] == 1.0 and wx_fracs[0.25] < 0.35 and wx_fracs[1 / 64] < 0.05
+    new, m = jax.jit(alg.round)(st, prob.data, jnp.int32(0))
+    assert int(m["nan_clients"]) == 0 and np.isfinite(float(m["train_loss"]))
+    assert any(float(jnp.abs(a - b).max()) > 0 for a, b in zip(jax.tree.leaves(new["phi"]),
+                                                                 jax.tree.leaves(st["phi"])))
+
+
 def test_hn_gradient_is_vjp_of_client_deltas(tiny_npz):
     """With SGD(lr=1) and no clipping, phi_new = phi - grad_phi (1/M) sum_i <theta_i(phi), delta_i>
     where delta_i = theta_sent - theta_trained (pFedHN sign)."""
@@ -239,7 +280,8 @@ def test_unseen_clients_get_zero_shot_models(tiny_npz, tmp_path):
                                  dict(framp__descriptor="onehot_budget"),
                                  dict(framp__descriptor="func_emb+budget", framp__func_emb_steps=2),
                                  dict(framp__eval_mode="finetuned", framp__finetune_steps=2),
-                                 dict(framp__proto_rotation="shared", framp__proto_noise_std=0.1)])
+                                 dict(framp__proto_rotation="shared", framp__proto_noise_std=0.1),
+                                 dict(framp__extraction="width")])
 def test_options_run(tiny_npz, tmp_path, opt):
     c = tiny_config(tiny_npz, rounds=2, eval_every=2, **opt)
     res = simulate.run(c, str(tmp_path / "o"), progress=False, log=lambda *_: None)

@@ -36,21 +36,27 @@ def fiarse_grad_factor(params, prunable, tau):
     return lambda p, g: jax.tree.map(f, p, g, prunable)
 
 
-def aggregate_prototypes(protos, counts, ok, bank, bank_valid, weighting="count", keep=True):
+def aggregate_prototypes(protos, counts, ok, bank, bank_valid, weighting="count", keep=True,
+                         dim_mask=None):
     """Count-weighted (or uniform over clients) mean of the uploaded class prototypes.
 
-    protos [M, K, F], counts [M, K], ok [M] (clients to use). Classes seen this round replace
-    the bank entry; unseen classes keep their previous value when ``keep`` (bank), else vanish.
+    protos [M, K, F], counts [M, K], ok [M] (clients to use); ``dim_mask`` [M, F] marks the
+    feature channels each client holds (width extraction; default all), and each (class,
+    channel) is averaged over the clients holding it. Classes seen this round replace the bank
+    entry; unseen classes (channels) keep their previous value when ``keep`` (bank), else vanish.
     """
     w = counts if weighting == "count" else (counts > 0).astype(counts.dtype)
     w = w * ok[:, None]
-    den = w.sum(0)
-    new = jnp.einsum("mk,mkf->kf", w, jnp.where(ok[:, None, None], protos, 0.0))
-    new = new / jnp.maximum(den, 1e-12)[:, None]
-    seen = den > 0
+    dm = jnp.ones((protos.shape[0], protos.shape[-1]), protos.dtype) if dim_mask is None else dim_mask
+    wkf = w[:, :, None] * dm[:, None, :]
+    den = wkf.sum(0)
+    new = jnp.sum(wkf * jnp.where(ok[:, None, None], protos, 0.0), axis=0)
+    new = new / jnp.maximum(den, 1e-12)
+    seen_kf = den > 0
+    seen = w.sum(0) > 0
     if keep:
-        return jnp.where(seen[:, None], new, bank), seen | bank_valid
-    return jnp.where(seen[:, None], new, 0.0), seen
+        return jnp.where(seen_kf, new, bank), seen | bank_valid
+    return jnp.where(seen_kf, new, 0.0), seen
 
 
 def random_rotation(key, dim):
@@ -154,7 +160,7 @@ def framp(ctx: Context) -> Algorithm:
         phi = state["phi"]
         protos, valid = align_targets(state)
         if width:
-            ids, ok_slot, vjp_fn, delta, cls, pro, cnt, losses, kept = wx.round(
+            ids, ok_slot, vjp_fn, delta, cls, pro, cnt, losses, kept, dmask = wx.round(
                 state, data, t, phi, generate, lambda i: heads_of(state, i), make_loss,
                 local_prototypes, protos, valid)
         else:
@@ -168,6 +174,7 @@ def framp(ctx: Context) -> Algorithm:
             delta, theta, pro, cnt, losses, kept = run(theta_gen, data.budgets[ids], x, y, n, keys,
                                                        protos, valid)
             cls = theta["classifier"]
+            dmask = None
         keys = ctx.client_keys(t, ids)
         pro = upload_protos(pro, keys)
         finite = (jax.vmap(is_finite_tree)(delta) & jnp.isfinite(losses)
@@ -182,7 +189,7 @@ def framp(ctx: Context) -> Algorithm:
         new = dict(state, phi=optax.apply_updates(phi, upd), opt=opt)
         bank, bank_valid = aggregate_prototypes(pro, cnt, finite, state["protos"],
                                                 state["proto_valid"], fc.proto_weighting,
-                                                fc.proto_bank)
+                                                fc.proto_bank, dmask)
         new["protos"], new["proto_valid"] = bank, bank_valid
         if backbone:
             old = jax.tree.map(lambda a: a[ids], state["heads"])
@@ -194,7 +201,7 @@ def framp(ctx: Context) -> Algorithm:
         metrics = {
             "train_loss": jnp.where(n_ok > 0, loss, jnp.nan),
             "nan_clients": jnp.sum(ok_slot.astype(jnp.int32)) - jnp.sum(finite.astype(jnp.int32)),
-            "hn_grad_norm": optax.global_norm(g),
+            "hn_grad_norm": optax.tree.norm(g),
             "protos_known": jnp.sum(bank_valid.astype(jnp.int32)),
             # SPEC §1.9, float32 values; uplink adds class counts; mask bits if sent explicitly
             "comm/down_bytes": 4.0 * jnp.sum(per_client_payload * ok_slot),

@@ -6,9 +6,11 @@ VJP (scatter on zeros is the adjoint of the gather, so the HN gets exactly the g
 gathered parameters).
 
 The feature unit (the classifier's input: the CNN's dense layer, ResNet-18's stage-4 stream) is
-kept at full width so every budget level produces prototypes of the same dimension and the
-alignment loss stays comparable across scales; the measured parameter fraction of each level is
-therefore a little above rate² (printed at start-up and in ``kept_fraction``).
+cut like every other unit. Its kept channels are a subset of the full model's feature channels,
+so prototypes stay comparable across budget levels in the full feature space: a client aligns
+its narrow features to the global prototypes restricted to its kept feature channels, uploads
+its prototypes scattered back to full width together with a {0,1} mask of the channels it
+holds, and the server averages each (class, channel) over the clients holding it.
 """
 from __future__ import annotations
 
@@ -51,10 +53,7 @@ class WidthExtraction:
         self.fractions = {b: k / total for b, k in self.kept.items()}
 
     def indices(self, theta, rate):
-        idx = W.norm_topk_indices(theta, self.spec, rate)
-        for u in self.keep:
-            idx[u] = jnp.arange(self.sizes[u], dtype=jnp.int32)
-        return idx
+        return W.norm_topk_indices(theta, self.spec, rate)
 
     def narrow(self, theta, rate):
         return W.gather(theta, self.spec, self.indices(theta, rate))
@@ -64,12 +63,17 @@ class WidthExtraction:
 
         def run(theta_gen, x, y, n, key, protos, valid):
             idx = self.indices(theta_gen, rate)
+            fidx = idx[self.keep[0]]  # the kept feature channels
             p0 = W.gather(theta_gen, self.spec, idx)
-            p, loss = local_train(make_loss(protos, valid), p0, None, x, y, n, key, cfg)
+            p, loss = local_train(make_loss(protos[:, fidx], valid), p0, None, x, y, n, key, cfg)
             pro, cnt = local_prototypes(p, x, y, n)
             zeros = jax.tree.map(jnp.zeros_like, theta_gen)
             delta = W.scatter(zeros, jax.tree.map(jnp.subtract, p0, p), self.spec, idx)
-            return delta, p["classifier"], pro, cnt, loss
+            dims = protos.shape[-1]
+            pro_full = jnp.zeros((pro.shape[0], dims), pro.dtype).at[:, fidx].set(pro)
+            dmask = jnp.zeros((dims,), pro.dtype).at[fidx].set(1.0)
+            cls = W.scatter(jax.tree.map(jnp.zeros_like, theta_gen), p, self.spec, idx)["classifier"]
+            return delta, cls, pro_full, cnt, loss, dmask
         return run
 
     def round(self, state, data, t, phi, generate, heads_of, make_loss, local_prototypes,
@@ -92,8 +96,8 @@ class WidthExtraction:
             kept.append(jnp.full((m,), float(self.kept[budget])))
             off += m
         cat = lambda *xs: jnp.concatenate(xs, axis=0)
-        delta, cls, pro, cnt, losses = jax.tree.map(cat, *outs)
-        return ids, ok, vjp_fn, delta, cls, pro, cnt, losses, jnp.concatenate(kept)
+        delta, cls, pro, cnt, losses, dmask = jax.tree.map(cat, *outs)
+        return ids, ok, vjp_fn, delta, cls, pro, cnt, losses, jnp.concatenate(kept), dmask
 
     def eval_groups(self, state, generate, heads_of):
         out = []
