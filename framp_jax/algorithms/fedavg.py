@@ -60,7 +60,10 @@ def fedavg(ctx: Context) -> Algorithm:
 
 def local_only(ctx: Context) -> Algorithm:
     """Each client trains its own budget-masked model on its own data only (no communication).
-    All clients start from the same initial model, masked by global top-k at their budget."""
+    All clients start from the same initial model, masked by top-k at their budget *per layer
+    group* (``masks.stage_groups``): a global top-k over a freshly initialised model would drop
+    whole layers whose init scale is small (the small CNN's dense layer keeps no weight at 1/16),
+    leaving those clients unable to learn."""
     model, cfg = ctx.model, ctx.local
     loss_fn = ce_loss(model)
     n_clients = ctx.num_clients
@@ -68,7 +71,8 @@ def local_only(ctx: Context) -> Algorithm:
     def init(key, data):
         p0 = model.init(ctx.init_key())
         pr = model.prunable(p0)
-        masks = jax.vmap(lambda b: M.topk_mask(p0, pr, b))(jnp.asarray(ctx.budgets, jnp.float32))
+        groups = M.stage_groups(p0)
+        masks = jax.vmap(lambda b: M.topk_mask(p0, pr, b, groups))(jnp.asarray(ctx.budgets, jnp.float32))
         params = jax.tree.map(lambda a, m: a[None] * m, p0, masks)
         return {"params": params, "masks": masks}
 
