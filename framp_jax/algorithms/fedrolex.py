@@ -1,0 +1,73 @@
+"""FedRolex (Alam et al., NeurIPS 2022): HeteroFL with a rolling width window (SPEC §4.2, §4.7).
+
+Round ``t`` (0-based, advanced after every aggregation) trains, for every channel unit of size
+``C``, the channels ``roll(arange(C), t mod C)[:k]`` = ``(j − t) mod C`` for ``j < k =
+ceil(r·C)`` (``resnet_server.py`` ``ResnetServerRoll.split_model`` with ``overlap=None``): the
+window advances one channel per round and every client of the round shares it (only ``k``
+differs with the level). Everything else (model, Scaler, BN, masked CE, label-wise output
+aggregation, uncovered entries kept) is HeteroFL's, shared through
+``heterofl.width_method``.
+
+Options (``c.fedrolex``):
+
+* ``algo``: ``"roll"`` (default), ``"static"`` (= HeteroFL's prefix), ``"random"`` (a fresh
+  uniformly random ``k``-subset per round, per unit and per client, ``ResnetServerRandom``). The
+  official random variant draws per *layer*, so inside a stage the identity-shortcut blocks add
+  channels of different index sets; here one draw per unit keeps the residual stream aligned.
+* ``official_count_bug``: ``False`` (default) = the intended plain count-average (HeteroFL's
+  ``combine``, ``--weighting avg``). ``True`` reproduces the official ``combine``, whose
+  ``self.tmp_counts = tmp_counts_cpy`` inside the key loop aliases the running counts, so BN and
+  output-layer entries are weighted by growing, carried-over update counts
+  (``heterofl.combine_official_counts``).
+* ``eval_bn``: ``"sbn"`` (default, SPEC §5 #18: HeteroFL's server statistics pass) or
+  ``"batch"``: batch statistics of each evaluation batch, which is what the official
+  ``main_resnet.py`` ``test`` does (its global model has ``track_running_stats=False``).
+* LR: ``MultiStepLR`` with ``scheduler.step()`` called *before* each round (``main_resnet.py``),
+  so round ``t`` uses ``lr · gamma^{#{m ≤ t + 1}}``.
+
+Per-size evaluation extracts the first ``k`` channels, i.e. the window at roll 0 (SPEC §4.2);
+the official code evaluates only the full model.
+"""
+from __future__ import annotations
+
+import jax
+
+from framp_jax import width as W
+from framp_jax.algorithms.base import Algorithm, Context
+from framp_jax.algorithms.heterofl import heterofl_defaults, method_options, width_method
+from framp_jax.config import ConfigError
+
+ALGOS = ("roll", "random", "static")
+EVAL_BN = ("sbn", "batch")
+
+
+def fedrolex_defaults():
+    f = heterofl_defaults()
+    f.algo = "roll"
+    f.official_count_bug = False
+    f.eval_bn = "sbn"
+    return f
+
+
+def fedrolex(ctx: Context) -> Algorithm:
+    c = ctx.config
+    opts = method_options(c, "fedrolex", fedrolex_defaults())
+    if opts.algo not in ALGOS:
+        raise ConfigError("fedrolex.algo", opts.algo, f"one of {ALGOS}")
+    if opts.eval_bn not in EVAL_BN:
+        raise ConfigError("fedrolex.eval_bn", opts.eval_bn, f"one of {EVAL_BN}")
+    if not isinstance(opts.official_count_bug, bool):
+        raise ConfigError("fedrolex.official_count_bug", opts.official_count_bug, "True or False")
+    per_client = False
+    if opts.algo == "roll":
+        index_fn = lambda sizes, r, t, cid: W.rolling_indices(sizes, r, t)
+    elif opts.algo == "static":
+        index_fn = lambda sizes, r, t, cid: W.prefix_indices(sizes, r)
+    else:
+        root = jax.random.fold_in(jax.random.key(c.seed), 5)
+        per_client = True
+
+        def index_fn(sizes, r, t, cid):
+            return W.random_indices(sizes, r, jax.random.fold_in(jax.random.fold_in(root, t), cid))
+    return width_method(ctx, "fedrolex", opts, index_fn, per_client_index=per_client,
+                        lr_offset=1, eval_bn=opts.eval_bn, count_bug=opts.official_count_bug)

@@ -1,0 +1,440 @@
+"""HeteroFL (Diao et al., ICLR 2021): static nested width submodels (SPEC §4.1, §4.7).
+
+Each round the sampled clients are grouped by budget level (``ctx.sample_clients_by_level``);
+level ``l`` trains the global model's first ``ceil(r_l · C)`` channels of every unit (a genuinely
+narrower pytree, ``framp_jax.width.gather``), vmapped over its clients at that static shape.
+The server then ``combine``s: every entry becomes the unweighted mean of the *parameters* of the
+clients that hold it, the output layer's rows only from clients that have that label, and
+entries nobody holds keep their value (HeteroFL ``src/fed.py`` ``Federation.combine``).
+
+* Budgets ↔ width rates: ``c.heterofl.rates`` aligned with ``c.budget_levels`` (default
+  1, 1/2, 1/4, 1/8 for budgets 1, 1/4, 1/16, 1/64: parameters scale with rate²).
+* Masked CE (``mask=1``): logits of classes absent from the client's train labels are set to 0,
+  in training and in the Local evaluation (``src/models/resnet.py``); the Union evaluation uses
+  plain logits (``train_classifier_fed.py`` ``test``).
+* Model: ``models/preact.py`` (pre-act ResNet-18, or its small-CNN analogue on ``model="cnn"``)
+  with Scaler and static BN; ``c.heterofl.backbone="same"`` trains the engine's own ``c.model``
+  (post-act ResNet-18 with batch-stat BN / plain CNN) instead.
+* sBN: before each evaluation the server runs every level's submodel in train-mode BN over the
+  clients' training data and evaluates with the cumulative average of the batch statistics
+  (``train_classifier_fed.py`` ``stats()``). ``sbn_clients`` / ``sbn_max_per_client`` restrict
+  the pass to a subset (a labelled deviation for CPU presets; 0 = all, as the official code).
+  ``sbn_augment`` applies the training augmentation in that pass, as the official pass iterates
+  ``dataset['train']`` with its train transform (``src/data.py`` ``fetch_dataset``).
+* LR: ``lr(t) = c.lr · gamma^{#{m ∈ milestones : m ≤ t}}`` (``MultiStepLR`` stepped after every
+  round, ``train_classifier_fed.py``), passed traced to ``local_train``.
+
+``fedrolex.py`` reuses :func:`width_method` with other index sets.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+
+from framp_jax import width as W
+from framp_jax.algorithms.base import Algorithm, Context, EvalGroup
+from framp_jax.client import augment, is_finite_tree, local_train, normalize
+from framp_jax.config import ConfigError
+from framp_jax.losses import cross_entropy, label_masked_logits
+
+# output layer: leaf path -> its class axis (rows aggregated label-wise)
+CLASS_AXES = {("classifier", "kernel"): 1, ("classifier", "bias"): 0}
+
+
+def heterofl_defaults() -> mlc.ConfigDict:
+    h = mlc.ConfigDict()
+    h.backbone = "preact"          # preact (HeteroFL's model) | same (the engine's c.model)
+    h.rates = (1.0, 0.5, 0.25, 0.125)  # width rate per budget level (aligned with budget_levels)
+    h.label_mask = True            # masked CE in training and Local evaluation
+    h.labelwise_output = True      # output rows aggregated only from clients with that label
+    h.lr_milestones = ()           # MultiStepLR milestones in rounds (paper: 300, 500)
+    h.lr_gamma = 0.1
+    h.sbn = True                   # server BN-statistics pass before evaluation (preact only)
+    h.sbn_clients = 0              # 0 = every client's training data; k = a seeded subset of k
+    h.sbn_max_per_client = 0       # 0 = all of each client's samples; k = its first k
+    h.sbn_batch = 100              # batch of the statistics pass
+    h.sbn_augment = True           # train-time crop/flip in the pass (the official train loader)
+    return h
+
+
+# ---------------------------------------------------------------------------------------------
+# aggregation
+
+class Part(NamedTuple):
+    """One level's contribution: stacked narrow client params [M, ...], the index sets
+    ({unit: [k]} shared by the level, or {unit: [M, k]} per client), weights [M] (0 = padding
+    slot or failed client) and label masks [M, K]."""
+    params: Any
+    idx: dict
+    weight: Any
+    label_mask: Any = None
+
+
+def _key(path):
+    return tuple(getattr(p, "key", p) for p in path)
+
+
+def _weight_tree(stacked, weight, label_mask, labelwise: bool):
+    """Per-entry weights with the stacked params' shapes: w_i, times the label mask along the
+    class axis of output-layer leaves."""
+    def leaf(path, a):
+        w = weight.astype(jnp.float32).reshape((-1,) + (1,) * (a.ndim - 1))
+        ax = CLASS_AXES.get(_key(path))
+        if labelwise and label_mask is not None and ax is not None:
+            shape = [a.shape[0]] + [1] * (a.ndim - 1)
+            shape[ax + 1] = a.shape[ax + 1]
+            w = w * label_mask.astype(jnp.float32).reshape(shape)
+        return jnp.broadcast_to(w, a.shape)
+    return jax.tree_util.tree_map_with_path(leaf, stacked)
+
+
+def _per_client(idx):
+    return any(jnp.ndim(v) == 2 for v in idx.values())
+
+
+def _scatter_sum(zeros, narrow_stacked, spec, idx):
+    """Σ_i scatter(0, narrow_i) over the stacked clients."""
+    if _per_client(idx):
+        one = lambda n, ix: W.scatter(zeros, n, spec, ix)
+        return jax.tree.map(lambda a: jnp.sum(a, 0), jax.vmap(one)(narrow_stacked, idx))
+    return W.scatter(zeros, jax.tree.map(lambda a: jnp.sum(a, 0), narrow_stacked), spec, idx)
+
+
+def combine(global_params, spec: W.WidthSpec, parts, labelwise: bool = True):
+    """HeteroFL ``combine``: each entry = Σ w·θ / Σ w over the clients holding it (w = the
+    client's weight, times its label mask for output rows); entries with Σ w = 0 keep the global
+    value."""
+    zeros = jax.tree.map(jnp.zeros_like, global_params)
+    num, den = zeros, zeros
+    for part in parts:
+        wt = _weight_tree(part.params, part.weight, part.label_mask, labelwise)
+        wp = jax.tree.map(lambda w, p: w * p, wt, part.params)
+        num = jax.tree.map(jnp.add, num, _scatter_sum(zeros, wp, spec, part.idx))
+        den = jax.tree.map(jnp.add, den, _scatter_sum(zeros, wt, spec, part.idx))
+    return jax.tree.map(lambda g, n, d: jnp.where(d > 0, n / jnp.where(d > 0, d, 1.0), g),
+                        global_params, num, den)
+
+
+def counted_leaves(params):
+    """FedRolex ``resnet_server.py`` ``combine``: the entries weighted by ``tmp_counts`` (every
+    1-D leaf and the output layer's kernel); conv/hidden kernels use K = 1 (``weighting=avg``)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a: a.ndim <= 1 or _key(path) in CLASS_AXES, params)
+
+
+def combine_official_counts(global_params, spec, parts, tmp_counts, labelwise: bool = True):
+    """FedRolex's official ``combine`` with its count aliasing (``official_count_bug=True``).
+
+    In ``ResnetServerRoll.combine`` the line ``self.tmp_counts = tmp_counts_cpy`` sits inside the
+    key loop, so from the second key on the weights read and the counts incremented are the same
+    tensor: for the counted entries (:func:`counted_leaves`) the j-th client (in processing
+    order) that holds an entry gets weight ``T + j``, where ``T`` is the entry's running number
+    of past updates (initialised to 1, never reset), and ``T`` grows by the number of holders.
+    Clients are processed level by level in slot order (the official order is its random user
+    order). Other entries are plain count-averaged. Returns (params, tmp_counts)."""
+    plain = combine(global_params, spec, parts, labelwise)
+    counted = counted_leaves(global_params)
+    zeros = jax.tree.map(jnp.zeros_like, global_params)
+    covs, vals = [], []
+    for part in parts:
+        wt = _weight_tree(part.params, (part.weight > 0).astype(jnp.float32), part.label_mask,
+                          labelwise)
+        if _per_client(part.idx):
+            sc = jax.vmap(lambda n, ix: W.scatter(zeros, n, spec, ix))
+            covs.append(sc(wt, part.idx))
+            vals.append(sc(part.params, part.idx))
+        else:
+            sc = jax.vmap(lambda n: W.scatter(zeros, n, spec, part.idx))
+            covs.append(sc(wt))
+            vals.append(sc(part.params))
+    cat = lambda trees: jax.tree.map(lambda *a: jnp.concatenate(a, 0), *trees)
+    cov, val = cat(covs), cat(vals)
+
+    def leaf(is_counted, g, p, c, v, t):
+        if not is_counted:
+            return p, t
+        prior = jnp.cumsum(c, axis=0) - c
+        w = c * (t[None] + prior)
+        num, den = jnp.sum(w * v, 0), jnp.sum(w, 0)
+        new = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), g)
+        return new, t + jnp.sum(c, 0)
+
+    out = jax.tree.map(leaf, counted, global_params, plain, cov, val, tmp_counts)
+    is_pair = lambda x: isinstance(x, tuple)
+    return (jax.tree.map(lambda o: o[0], out, is_leaf=is_pair),
+            jax.tree.map(lambda o: o[1], out, is_leaf=is_pair))
+
+
+# ---------------------------------------------------------------------------------------------
+# models, rates, schedule
+
+class Family(NamedTuple):
+    """The width-level models of one backbone: ``model(rate)`` (cached), the width spec and
+    whether the models carry sBN statistics."""
+    model: Callable
+    spec: W.WidthSpec
+    sbn: bool
+
+
+def model_family(ctx: Context, backbone: str, image_shape) -> Family:
+    """Models at every width of ``backbone`` for ``c.model``: "preact" = ``models/preact.py``
+    (``model="cnn"`` → its small-CNN analogue, ``"resnet18"`` → the pre-act ResNet-18); "same" =
+    the engine's own ``c.model`` (CNN, post-act ResNet-18 or GCN) at that width."""
+    c, k = ctx.config, ctx.num_classes
+    if c.model == "gcn":
+        from framp_jax.models.gcn import make_gcn_width
+        p0 = jax.eval_shape(ctx.model.init, jax.random.key(0))
+        in_dim, hidden = p0["conv1"]["kernel"].shape
+        mk = lambda r: make_gcn_width(in_dim, k, W.width_of(hidden, r), float(c.dropout))
+        return Family(functools.lru_cache(None)(mk), W.gcn_spec(), False)
+    image_shape = tuple(int(s) for s in image_shape)
+    if backbone == "preact":
+        from framp_jax.models.preact import make_preact_cnn, make_preact_resnet18
+        if c.model == "cnn":
+            mk, spec = (lambda r: make_preact_cnn(k, image_shape, width=r, conv_impl=c.conv_impl),
+                        W.preact_cnn_spec())
+        else:
+            mk, spec = (lambda r: make_preact_resnet18(k, image_shape, width=r,
+                                                       conv_impl=c.conv_impl),
+                        W.preact_resnet18_spec())
+        return Family(functools.lru_cache(None)(mk), spec, True)
+    if c.model == "cnn":
+        from framp_jax.models.cnn import make_cnn
+        mk, spec = (lambda r: make_cnn(k, image_shape, width=r, conv_impl=c.conv_impl),
+                    W.cnn_spec())
+    else:
+        from framp_jax.models.resnet import make_resnet18
+        mk, spec = (lambda r: make_resnet18(k, image_shape, width=r, conv_impl=c.conv_impl),
+                    W.resnet18_spec())
+    return Family(functools.lru_cache(None)(mk), spec, False)
+
+
+def level_rates(c, opts) -> dict:
+    """{budget: width rate}, from ``opts.rates`` aligned with ``c.budget_levels``."""
+    levels, rates = tuple(float(b) for b in c.budget_levels), tuple(float(r) for r in opts.rates)
+    return dict(zip(levels, rates))
+
+
+def rate_of(rates: dict, budget: float) -> float:
+    for b, r in rates.items():
+        if np.isclose(b, budget):
+            return r
+    raise KeyError(f"budget {budget} has no width rate in {rates}")
+
+
+def lr_at(t, base_lr: float, milestones, gamma: float, offset: int = 0):
+    """MultiStepLR: ``base_lr · gamma^{#{m ≤ t + offset}}`` (``t`` traced)."""
+    if not milestones:
+        return jnp.asarray(base_lr, jnp.float32)
+    n = jnp.sum(jnp.asarray(milestones, jnp.int32) <= t + offset)
+    return base_lr * jnp.asarray(gamma, jnp.float32) ** n.astype(jnp.float32)
+
+
+def validate_width_opts(c, name: str, opts, allowed_backbones=("preact", "same")):
+    def check(cond, field, value, allowed):
+        if not cond:
+            raise ConfigError(f"{name}.{field}", value, allowed)
+    check(opts.backbone in allowed_backbones, "backbone", opts.backbone,
+          f"one of {allowed_backbones}")
+    check(c.model in ("cnn", "resnet18") or opts.backbone == "same", "backbone", opts.backbone,
+          "'same' for config.model='gcn' (there is no pre-activation GCN)")
+    rates, levels = tuple(opts.rates), tuple(c.budget_levels)
+    check(len(rates) == len(levels) and all(0 < r <= 1 for r in rates), "rates", rates,
+          f"{len(levels)} width rates in (0, 1], one per budget level {levels}")
+    ms = tuple(opts.lr_milestones)
+    check(all(isinstance(m, int) and m >= 0 for m in ms) and list(ms) == sorted(ms),
+          "lr_milestones", ms, "ascending round numbers >= 0")
+    check(opts.lr_gamma > 0, "lr_gamma", opts.lr_gamma, "> 0")
+    for f in ("sbn_clients", "sbn_max_per_client"):
+        check(isinstance(opts[f], int) and opts[f] >= 0, f, opts[f], "an integer >= 0 (0 = all)")
+    check(isinstance(opts.sbn_batch, int) and opts.sbn_batch >= 2, "sbn_batch", opts.sbn_batch,
+          "an integer >= 2")
+    check(opts.sbn_clients <= c.num_clients, "sbn_clients", opts.sbn_clients,
+          f"at most num_clients={c.num_clients}")
+
+
+def method_options(c, name: str, defaults: mlc.ConfigDict) -> mlc.ConfigDict:
+    """The preset's ``c.<name>`` over the defaults (a config without it gets the defaults)."""
+    opts = defaults
+    given = c.get(name)
+    if given is not None:
+        unknown = set(given.keys()) - set(opts.keys())
+        if unknown:
+            raise ConfigError(name, sorted(unknown), f"known options {sorted(opts.keys())}")
+        opts = mlc.ConfigDict(dict(opts.to_dict(), **given.to_dict()))
+    return opts
+
+
+# ---------------------------------------------------------------------------------------------
+# sBN statistics pass
+
+def sbn_statistics(model, params, data, client_ids, max_per_client: int, batch: int,
+                   mean, std, aug: bool, key):
+    """Cumulative average of the per-batch BN statistics of ``model`` over the training data of
+    ``client_ids`` (static), in consecutive batches of ``batch`` valid samples (the last one
+    wraps around). PyTorch's train-mode BN with ``momentum=None`` keeps exactly this average."""
+    n_max = data.train_x.shape[1]
+    cap = n_max if max_per_client == 0 else min(n_max, max_per_client)
+    ids = jnp.asarray(np.asarray(client_ids), jnp.int32)
+    counts = jnp.minimum(data.train_count[ids], cap)
+    valid = (jnp.arange(cap)[None, :] < counts[:, None]).reshape(-1)
+    flat = (ids[:, None] * n_max + jnp.arange(cap)[None, :]).reshape(-1)
+    src = flat[jnp.argsort(~valid, stable=True)]
+    n_valid = jnp.maximum(jnp.sum(valid), 1)
+    xs = data.train_x.reshape((-1,) + data.train_x.shape[2:])
+    nb = -(-int(flat.shape[0]) // batch)
+
+    def body(carry, b):
+        acc, cnt = carry
+        sel = src[(b * batch + jnp.arange(batch)) % n_valid]
+        xb = normalize(xs[sel], mean, std)
+        if aug and xb.ndim == 4:
+            xb = augment(jax.random.fold_in(key, b), xb)
+        st = model.batch_stats(params, xb)
+        w = (b * batch < n_valid).astype(jnp.float32)
+        return (jax.tree.map(lambda a, s: a + w * s, acc, st), cnt + w), None
+
+    shapes = jax.eval_shape(model.batch_stats, params, xs[:batch].astype(jnp.float32))
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (acc, cnt), _ = jax.lax.scan(body, (zero, jnp.zeros((), jnp.float32)), jnp.arange(nb))
+    return jax.tree.map(lambda a: a / jnp.maximum(cnt, 1.0), acc)
+
+
+def _eval_apply(model, ps, x, *, train=False, rng=None):
+    del train, rng
+    if ps.get("bn_stats") is None:
+        return model.apply(ps["params"], x, train=False)
+    return model.apply(ps["params"], x, train=False, bn_stats=ps["bn_stats"])
+
+
+def _masked_logits(logits, label_counts_row):
+    return label_masked_logits(logits, label_counts_row > 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the algorithm
+
+def width_method(ctx: Context, name: str, opts, index_fn: Callable, per_client_index: bool = False,
+                 lr_offset: int = 0, eval_bn: str = "sbn", count_bug: bool = False) -> Algorithm:
+    """The HeteroFL round/eval skeleton shared by HeteroFL and FedRolex.
+
+    ``index_fn(sizes, rate, t, client_id)`` gives the round's index sets ({unit: [k]});
+    with ``per_client_index`` it is vmapped over the level's clients. Evaluation always uses the
+    prefix (HeteroFL's submodel; FedRolex's window at roll 0). ``eval_bn``: "sbn" (server
+    statistics pass) or "batch" (batch statistics of each eval batch)."""
+    c, cfg = ctx.config, ctx.local
+    validate_width_opts(c, name, opts)
+    rates = level_rates(c, opts)
+    for b in np.unique(ctx.budgets):
+        rate_of(rates, float(b))
+    fams: dict = {}
+
+    def family(data) -> Family:
+        x = data.train_x
+        shape = tuple(x.shape[2:]) if hasattr(x, "shape") else ()  # graphs: a pytree
+        if shape not in fams:
+            fams[shape] = model_family(ctx, opts.backbone, shape)
+        return fams[shape]
+
+    use_sbn = eval_bn == "sbn" and opts.backbone == "preact" and opts.sbn
+    if opts.sbn_clients:
+        sbn_ids = np.sort(np.random.default_rng(c.seed).choice(ctx.num_clients, opts.sbn_clients,
+                                                               replace=False))
+    else:
+        sbn_ids = np.arange(ctx.num_clients)
+
+    def make_loss(model):
+        def loss(p, x, y, rng, lmask):
+            logits, _ = model.apply(p, x, train=True, rng=rng)
+            if opts.label_mask:
+                logits = label_masked_logits(logits, lmask)
+            return cross_entropy(logits, y)
+        return loss
+
+    def init(key, data):
+        fam = family(data)
+        state = {"params": fam.model(1.0).init(ctx.init_key())}
+        if count_bug:
+            state["tmp_counts"] = jax.tree.map(jnp.ones_like, state["params"])
+        return state
+
+    def round_fn(state, data, t):
+        fam = family(data)
+        params = state["params"]
+        sizes = W.unit_sizes(params, fam.spec)
+        lr = lr_at(t, c.lr, tuple(opts.lr_milestones), opts.lr_gamma, lr_offset)
+        parts, losses_all, valid_all, finite_all = [], [], [], []
+        for budget, ids, valid in ctx.sample_clients_by_level(t):
+            r = rate_of(rates, budget)
+            level_loss = make_loss(fam.model(r))
+            x, y, n = ctx.gather(data, ids)
+            keys = ctx.client_keys(t, ids)
+            lmask = (data.label_counts[ids] > 0).astype(jnp.float32)
+            if per_client_index:
+                idx = jax.vmap(lambda i: index_fn(sizes, r, t, i))(ids)
+            else:
+                idx = index_fn(sizes, r, t, None)
+
+            def train_one(ix, xx, yy, nn, kk, lm):
+                sub = W.gather(params, fam.spec, ix)
+                return local_train(lambda p, xb, yb, rng: level_loss(p, xb, yb, rng, lm), sub, None,
+                                   xx, yy, nn, kk, cfg, lr=lr)
+
+            in_axes = (0 if per_client_index else None, 0, 0, 0, 0, 0)
+            new, losses = ctx.vmap_clients(train_one, in_axes=in_axes)(idx, x, y, n, keys, lmask)
+            finite = jax.vmap(is_finite_tree)(new) & jnp.isfinite(losses)
+            w = (valid & finite).astype(jnp.float32)
+            # a failed client's params may hold NaN; zero them so 0-weight products stay finite
+            new = jax.tree.map(lambda a: jnp.where(
+                (w > 0).reshape((-1,) + (1,) * (a.ndim - 1)), a, 0.0), new)
+            parts.append(Part(new, idx, w, lmask))
+            losses_all.append(losses)
+            valid_all.append(valid)
+            finite_all.append(finite)
+        if count_bug:
+            new_params, tmp = combine_official_counts(params, fam.spec, parts, state["tmp_counts"],
+                                                      opts.labelwise_output)
+            new_state = {"params": new_params, "tmp_counts": tmp}
+        else:
+            new_state = {"params": combine(params, fam.spec, parts, opts.labelwise_output)}
+        losses, valid = jnp.concatenate(losses_all), jnp.concatenate(valid_all)
+        ok = valid & jnp.concatenate(finite_all)
+        n_ok = jnp.sum(ok)
+        loss = jnp.sum(jnp.where(ok, losses, 0.0)) / jnp.maximum(n_ok, 1)
+        metrics = {"train_loss": jnp.where(n_ok > 0, loss, jnp.nan),
+                   "nan_clients": jnp.sum(valid & ~jnp.concatenate(finite_all)).astype(jnp.int32),
+                   "lr": lr}
+        return new_state, metrics
+
+    def eval_groups(state, data):
+        fam = family(data)
+        params = state["params"]
+        sizes = W.unit_sizes(params, fam.spec)
+        groups = []
+        for b in np.unique(ctx.budgets):
+            ids = np.flatnonzero(np.isclose(ctx.budgets, b))
+            r = rate_of(rates, float(b))
+            model = fam.model(r)
+            sub = W.gather(params, fam.spec, W.prefix_indices(sizes, r))
+            stats = None
+            if use_sbn:
+                stats = sbn_statistics(model, sub, data, sbn_ids, opts.sbn_max_per_client,
+                                       opts.sbn_batch, cfg.mean, cfg.std, opts.sbn_augment,
+                                       jax.random.fold_in(ctx.init_key(), 7))
+            groups.append(EvalGroup(functools.partial(_eval_apply, model),
+                                    {"params": sub, "bn_stats": stats}, ids, per_client=False,
+                                    local_logits_fn=_masked_logits if opts.label_mask else None))
+        return groups
+
+    return Algorithm(name, init, round_fn, eval_groups)
+
+
+def heterofl(ctx: Context) -> Algorithm:
+    opts = method_options(ctx.config, "heterofl", heterofl_defaults())
+    return width_method(ctx, "heterofl", opts,
+                        lambda sizes, r, t, cid: W.prefix_indices(sizes, r))
