@@ -140,17 +140,21 @@ class TraceCounter:
         return self.fn(*a, **k)
 
 
-def make_evaluator(alg, ctx: Context, eval_fns=None):
-    """A jitted ``evaluate(state, data, union_x, union_y) -> (local_acc[N], union_acc[N])``."""
+def make_evaluator(alg, ctx: Context, eval_fns=None, at_budget=False):
+    """A jitted ``evaluate(state, data, union_x, union_y) -> (local_acc[N], union_acc[N])``;
+    with ``at_budget`` it takes a traced ``budget`` too and evaluates every client's model at that
+    budget (``alg.eval_groups_at_budget``), one compile for all budgets."""
     c = ctx.config
     local_accuracy_, union_accuracy_ = eval_fns or (local_accuracy, union_accuracy)
     mean, std = ctx.local.mean, ctx.local.std
     chunk = c.eval_model_chunk or None
 
-    def evaluate(state, data, ux, uy):
+    def evaluate(state, data, ux, uy, budget=None):
         local = jnp.zeros((ctx.num_clients,), jnp.float32)
         union = jnp.zeros((ctx.num_clients,), jnp.float32)
-        for g in alg.eval_groups(state, data):
+        groups = (alg.eval_groups_at_budget(state, data, budget) if at_budget
+                  else alg.eval_groups(state, data))
+        for g in groups:
             ids = np.asarray(g.client_ids)
             if len(ids) == 0:
                 continue
@@ -317,10 +321,10 @@ def budget_sweep(c, alg, prob, state):
     held = np.concatenate(C.heldout_ids(c)) if c.heldout_frac > 0 else np.zeros((0,), int)
     tr = np.setdiff1d(np.arange(c.num_clients), held)
     out = {}
+    evaluate = make_evaluator(alg, prob.ctx, prob.eval_fns, at_budget=True)
     for b in budgets:
-        alg_b = alg._replace(eval_groups=lambda st, d, b=float(b): alg.eval_groups_at_budget(st, d, b))
-        la, ua = make_evaluator(alg_b, prob.ctx, prob.eval_fns)(state, prob.data, prob.data.union_x,
-                                                                prob.data.union_y)
+        la, ua = evaluate(state, prob.data, prob.data.union_x, prob.data.union_y,
+                          jnp.float32(b))
         out[budget_label(b)] = {"local": float(np.nanmean(np.asarray(la)[tr])),
                                 "union": float(np.mean(np.asarray(ua)[tr]))}
     return out
