@@ -178,7 +178,8 @@ def test_graph_config_validation():
     keys = ("dataset", "seed", "graph_split_seed", "num_clients", "clients_per_round", "rounds",
             "local_steps", "lr", "weight_decay", "dropout", "budget_levels", "budget_dist")
     ref = _preset("fedavg_cora")
-    for name in ("local_cora", "framp_cora", "fiarse_cora", "scalefl_cora"):
+    for name in ("local_cora", "framp_cora", "fiarse_cora", "scalefl_cora", "heterofl_cora",
+                 "fedrolex_cora"):
         c = _preset(name)
         # FIARSE refuses weight decay (pruned entries would move and count as trained)
         same = [k for k in keys if not (name == "fiarse_cora" and k == "weight_decay")]
