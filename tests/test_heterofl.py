@@ -209,7 +209,8 @@ def _config(npz, method, **opts):
 
 
 @pytest.mark.parametrize("method,opts", [("heterofl", {}),
-                                         ("fedrolex", {"official_count_bug": True})])
+                                         ("fedrolex", {"official_count_bug": True,
+                                                       "eval_window": "last"})])
 def test_three_rounds_compile_once(tmp_path, method, opts):
     from framp_jax.simulate import run
     npz = _tiny_npz(tmp_path / "tiny.npz")
@@ -253,7 +254,9 @@ def test_bad_options_are_rejected(tmp_path):
     for method, opts, field in [("fedrolex", {"algo": "window"}, "fedrolex.algo"),
                                 ("heterofl", {"rates": (1.0,)}, "heterofl.rates"),
                                 ("heterofl", {"lr_milestones": (500, 300)}, "heterofl.lr_milestones"),
-                                ("fedrolex", {"eval_bn": "none"}, "fedrolex.eval_bn")]:
+                                ("fedrolex", {"eval_bn": "none"}, "fedrolex.eval_bn"),
+                                ("fedrolex", {"algo": "random", "eval_window": "last"},
+                                 "fedrolex.eval_window")]:
         prob = build_problem(_config(npz, method, **opts), verbose=False)
         with pytest.raises(ConfigError) as e:
             build_algorithm(prob.ctx)

@@ -7,7 +7,8 @@ evaluation at roll 0 with sBN statistics.
 sBN pass (labelled deviation for CPU): the first ``sbn_max_per_client`` = 500 training samples of
 each of the 20 clients per level and evaluation (``--config.fedrolex.sbn_max_per_client=0`` for
 all); ``--config.fedrolex.eval_bn=batch`` evaluates with batch statistics as the official
-``main_resnet.py`` does."""
+``main_resnet.py`` does; ``--config.fedrolex.eval_window=last`` evaluates each size at the last
+round's window instead of roll 0."""
 import importlib.util
 import os
 

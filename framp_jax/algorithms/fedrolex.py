@@ -25,12 +25,16 @@ Options (``c.fedrolex``):
 * LR: ``MultiStepLR`` with ``scheduler.step()`` called *before* each round (``main_resnet.py``),
   so round ``t`` uses ``lr · gamma^{#{m ≤ t + 1}}``.
 
-Per-size evaluation extracts the first ``k`` channels, i.e. the window at roll 0 (SPEC §4.2);
-the official code evaluates only the full model.
+* ``eval_window``: ``"roll0"`` (default, SPEC §4.2): per-size evaluation extracts the first
+  ``k`` channels, i.e. the window at roll 0; ``"last"``: the window of the last completed round
+  (``roll = (t_done - 1) mod C``), the channel combination that round's clients of that size
+  trained together. (With different unit sizes the roll-0 prefixes of all units were never
+  trained together as one submodel; the official code evaluates only the full model.)
 """
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from framp_jax import width as W
 from framp_jax.algorithms.base import Algorithm, Context
@@ -39,6 +43,7 @@ from framp_jax.config import ConfigError
 
 ALGOS = ("roll", "random", "static")
 EVAL_BN = ("sbn", "batch")
+EVAL_WINDOWS = ("roll0", "last")
 
 
 def fedrolex_defaults():
@@ -46,6 +51,7 @@ def fedrolex_defaults():
     f.algo = "roll"
     f.official_count_bug = False
     f.eval_bn = "sbn"
+    f.eval_window = "roll0"
     return f
 
 
@@ -56,6 +62,9 @@ def fedrolex(ctx: Context) -> Algorithm:
         raise ConfigError("fedrolex.algo", opts.algo, f"one of {ALGOS}")
     if opts.eval_bn not in EVAL_BN:
         raise ConfigError("fedrolex.eval_bn", opts.eval_bn, f"one of {EVAL_BN}")
+    if opts.eval_window not in EVAL_WINDOWS or (opts.eval_window == "last" and opts.algo != "roll"):
+        raise ConfigError("fedrolex.eval_window", opts.eval_window,
+                          f"one of {EVAL_WINDOWS}; 'last' only with algo='roll'")
     if not isinstance(opts.official_count_bug, bool):
         raise ConfigError("fedrolex.official_count_bug", opts.official_count_bug, "True or False")
     per_client = False
@@ -69,5 +78,10 @@ def fedrolex(ctx: Context) -> Algorithm:
 
         def index_fn(sizes, r, t, cid):
             return W.random_indices(sizes, r, jax.random.fold_in(jax.random.fold_in(root, t), cid))
+    eval_index_fn = None
+    if opts.eval_window == "last":
+        eval_index_fn = lambda sizes, r, t_done: W.rolling_indices(sizes, r,
+                                                                   jnp.maximum(t_done - 1, 0))
     return width_method(ctx, "fedrolex", opts, index_fn, per_client_index=per_client,
-                        lr_offset=1, eval_bn=opts.eval_bn, count_bug=opts.official_count_bug)
+                        lr_offset=1, eval_bn=opts.eval_bn, count_bug=opts.official_count_bug,
+                        eval_index_fn=eval_index_fn)

@@ -320,13 +320,16 @@ def _masked_logits(logits, label_counts_row):
 # the algorithm
 
 def width_method(ctx: Context, name: str, opts, index_fn: Callable, per_client_index: bool = False,
-                 lr_offset: int = 0, eval_bn: str = "sbn", count_bug: bool = False) -> Algorithm:
+                 lr_offset: int = 0, eval_bn: str = "sbn", count_bug: bool = False,
+                 eval_index_fn: Callable | None = None) -> Algorithm:
     """The HeteroFL round/eval skeleton shared by HeteroFL and FedRolex.
 
     ``index_fn(sizes, rate, t, client_id)`` gives the round's index sets ({unit: [k]});
-    with ``per_client_index`` it is vmapped over the level's clients. Evaluation always uses the
-    prefix (HeteroFL's submodel; FedRolex's window at roll 0). ``eval_bn``: "sbn" (server
-    statistics pass) or "batch" (batch statistics of each eval batch)."""
+    with ``per_client_index`` it is vmapped over the level's clients. Evaluation uses the prefix
+    (HeteroFL's submodel; FedRolex's window at roll 0) unless ``eval_index_fn(sizes, rate,
+    t_done)`` is given, ``t_done`` being the number of completed rounds (kept in the state as
+    ``"t"``). ``eval_bn``: "sbn" (server statistics pass) or "batch" (batch statistics of each
+    eval batch)."""
     c, cfg = ctx.config, ctx.local
     validate_width_opts(c, name, opts)
     rates = level_rates(c, opts)
@@ -361,6 +364,8 @@ def width_method(ctx: Context, name: str, opts, index_fn: Callable, per_client_i
         state = {"params": fam.model(1.0).init(ctx.init_key())}
         if count_bug:
             state["tmp_counts"] = jax.tree.map(jnp.ones_like, state["params"])
+        if eval_index_fn is not None:
+            state["t"] = jnp.zeros((), jnp.int32)
         return state
 
     def round_fn(state, data, t):
@@ -402,6 +407,8 @@ def width_method(ctx: Context, name: str, opts, index_fn: Callable, per_client_i
             new_state = {"params": new_params, "tmp_counts": tmp}
         else:
             new_state = {"params": combine(params, fam.spec, parts, opts.labelwise_output)}
+        if eval_index_fn is not None:
+            new_state["t"] = state["t"] + 1
         losses, valid = jnp.concatenate(losses_all), jnp.concatenate(valid_all)
         ok = valid & jnp.concatenate(finite_all)
         n_ok = jnp.sum(ok)
@@ -420,7 +427,9 @@ def width_method(ctx: Context, name: str, opts, index_fn: Callable, per_client_i
             ids = np.flatnonzero(np.isclose(ctx.budgets, b))
             r = rate_of(rates, float(b))
             model = fam.model(r)
-            sub = W.gather(params, fam.spec, W.prefix_indices(sizes, r))
+            idx = (W.prefix_indices(sizes, r) if eval_index_fn is None
+                   else eval_index_fn(sizes, r, state["t"]))
+            sub = W.gather(params, fam.spec, idx)
             stats = None
             if use_sbn:
                 stats = sbn_statistics(model, sub, data, sbn_ids, opts.sbn_max_per_client,
