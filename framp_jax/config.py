@@ -54,6 +54,7 @@ def base_config() -> mlc.ConfigDict:
     c.eval_model_chunk = 0         # >0: evaluate this many models at a time (memory)
     c.checkpoint_every = 50
     c.keep_checkpoints = 2
+    c.client_map = "auto"          # auto | vmap | map (lax.map: faster on CPU; see Context)
     c.mesh_clients = 1             # devices on the 'clients' mesh axis (0 = all devices)
     # graph datasets (framp_jax.graph_engine; SPEC §2.1, §2.3, §2.4)
     c.gcn_hidden = 128             # GCN hidden width (= prototype dimension)
@@ -145,6 +146,7 @@ def validate(c: mlc.ConfigDict) -> None:
     _check(c.union_subset >= 0, "union_subset", c.union_subset, ">= 0 (0 = full union set)")
     if c.method == "framp":
         validate_framp(c)
+    _check(c.client_map in ("auto", "vmap", "map"), "client_map", c.client_map, "auto, vmap or map")
     _check(c.mesh_clients >= 0, "mesh_clients", c.mesh_clients, ">= 0 (0 = all devices)")
     if ds in GRAPH_DATASETS:
         validate_graph(c)

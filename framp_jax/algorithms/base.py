@@ -61,10 +61,37 @@ class Context(NamedTuple):
     local: Any                   # client.LocalConfig
     mesh: Any = None
 
+    def client_map_mode(self) -> str:
+        """``vmap`` or ``map`` (``lax.map``, clients one after another inside the jitted round).
+        ``config.client_map="auto"`` picks ``map`` on CPU without a mesh, where a vmapped matmul
+        over per-client weights is slower than sequential clients
+        (``benchmarks/bench_round.py``: jax_map vs jax), and ``vmap`` elsewhere."""
+        mode = self.config.get("client_map", "auto")
+        if self.mesh is not None:
+            return "vmap"
+        if mode == "auto":
+            return "map" if jax.default_backend() == "cpu" else "vmap"
+        return mode
+
     def vmap_clients(self, fn, in_axes=0, out_axes=0):
-        if self.mesh is None:
+        """Map ``fn`` over the leading client axis of the arguments whose ``in_axes`` is 0
+        (``None``: shared by every client); outputs are stacked on axis 0."""
+        if self.mesh is not None:
+            return jax.vmap(fn, in_axes=in_axes, out_axes=out_axes, spmd_axis_name="clients")
+        if self.client_map_mode() == "vmap" or out_axes != 0:
             return jax.vmap(fn, in_axes=in_axes, out_axes=out_axes)
-        return jax.vmap(fn, in_axes=in_axes, out_axes=out_axes, spmd_axis_name="clients")
+
+        def mapped(*args):
+            axes = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
+            if any(ax not in (0, None) for ax in axes):
+                raise ValueError(f"vmap_clients: in_axes {in_axes} must be 0 or None per argument")
+            xs = tuple(a for a, ax in zip(args, axes) if ax == 0)
+
+            def body(sliced):
+                it = iter(sliced)
+                return fn(*(next(it) if ax == 0 else a for a, ax in zip(args, axes)))
+            return jax.lax.map(body, xs)
+        return mapped
 
     def shard_clients(self, tree):
         """Constrain stacked per-client arrays to be split over the ``clients`` mesh axis."""
