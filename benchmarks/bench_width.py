@@ -54,8 +54,7 @@ def main():
     hn = chunked_hypernet(tpl, chunk_size=4096 if a.model == "cnn" else 16384)
     desc = jax.random.uniform(jax.random.key(1), (a.clients, 11))
     theta = jax.jit(jax.vmap(hn.apply, (None, 0)))(hn.init(jax.random.key(2), desc), desc)
-    spec, keep = spec_for(model.name)
-    sizes = W.unit_sizes(tpl, spec)
+    spec, _ = spec_for(model.name)
     cfg = LocalConfig(steps=a.steps, batch_size=a.batch, lr=0.05)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(a.clients))
 
@@ -77,11 +76,8 @@ def main():
     rows = []
     total = M.num_prunable(tpl, pr)
     for budget, rate in ((1.0, 1.0), (0.25, 0.5), (1 / 16, 0.25), (1 / 64, 0.125)):
-        def narrow(t, r=rate):
-            idx = W.norm_topk_indices(t, spec, r)
-            for u in keep:
-                idx[u] = jnp.arange(sizes[u], dtype=jnp.int32)
-            return W.gather(t, spec, idx)
+        def narrow(t, r=rate):  # as framp_width.WidthExtraction.narrow: every unit cut
+            return W.gather(t, spec, W.norm_topk_indices(t, spec, r))
         nar = jax.jit(jax.vmap(narrow))(theta)
         frac = M.num_prunable(jax.tree.map(lambda z: z[0], nar), pr) / total
         masks = jax.jit(jax.vmap(lambda t, b=budget: M.topk_mask(t, pr, b)))(theta)
