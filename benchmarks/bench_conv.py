@@ -118,7 +118,8 @@ def client_data(rng, clients, n_max, shape=(32, 32, 3), classes=10):
 
 def local_train_fn(model, cfg, mapping: str):
     """The per-round client training as fedavg's round does it, with the clients mapped by
-    ``jax.vmap`` (what ``Context.vmap_clients`` does) or sequentially by ``lax.map``."""
+    ``jax.vmap`` or sequentially by ``lax.map`` (``Context.vmap_clients`` with
+    ``config.client_map`` "vmap" / "map")."""
     loss = ce_loss(model)
 
     def one(p, x, y, n, k):

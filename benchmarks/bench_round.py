@@ -17,11 +17,12 @@ set up and warmed up first (compilation excluded), then the parent alternates si
 between the workers (jax, torch, jax, torch, ...) so that a change of machine load hits both
 alike. ``--mode sequential`` instead runs all rounds of one worker, then the other's.
 
-Prototypes (``--prototypes``, framp_jax only, built here without touching the engine):
-``jax_map`` is the same round with the clients mapped by ``lax.map`` instead of ``jax.vmap``;
-``jax_fast`` keeps ``vmap`` but batches as ``fast_local_train`` does (epoch permutations computed
-once per epoch, not twice per step; crop+flip as one gather, bit-identical to
-``client.augment``); ``jax_map_fast`` is both.
+Variants (``--prototypes``, framp_jax only, built without touching the engine): ``jax`` is the
+round as the preset configures it (``config.client_map="auto"``: clients by ``lax.map`` on CPU);
+``jax_vmap`` is the real round with ``config.client_map="vmap"`` (the engine's mapping before
+``client_map`` existed); ``jax_fast`` is a prototype round whose batching is ``fast_local_train``'s (epoch
+permutations computed once per epoch, not twice per step; crop+flip as one gather,
+bit-identical to ``client.augment``), clients mapped as ``jax``.
 ``--profile`` times pieces of the framp_jax round (batching+augmentation, the gradient scan,
 local training, aggregation) in the jax worker.
 
@@ -95,12 +96,17 @@ def jax_worker(variant: str, warmup: int, profile: bool):
     from framp_jax.simulate import build_algorithm, build_problem
 
     c = load_preset()
+    client_map, proto = PROTOTYPES.get(variant, (None, False))
+    if client_map is not None:
+        if "client_map" not in c:
+            raise SystemExit(f"{variant}: this framp_jax has no config.client_map")
+        c.client_map = client_map
     t0 = time.perf_counter()
     prob = build_problem(c, verbose=False)
     setup_s = time.perf_counter() - t0
     ctx, data = prob.ctx, prob.data
     alg = build_algorithm(ctx)
-    round_impl = alg.round if variant == "jax" else _proto_round(ctx, data, *PROTOTYPES[variant])
+    round_impl = _proto_round(ctx, data) if proto else alg.round
     round_fn = jax.jit(round_impl, donate_argnums=(0,))
     state = {"s": alg.init(jax.random.key(c.seed), data)}
 
@@ -116,8 +122,10 @@ def jax_worker(variant: str, warmup: int, profile: bool):
     info = {"variant": variant, "jax": jax.__version__, "backend": jax.default_backend(),
             "devices": len(jax.devices()), "data_setup_s": setup_s, "first_round_s": first_s,
             "warmup_rounds_s": warm, "train_x_shape": list(data.train_x.shape),
-            "conv_impl": str(c.conv_impl), "resolved_conv_impl": _resolved_impl(c.conv_impl)}
-    if variant != "jax":
+            "conv_impl": str(c.conv_impl), "resolved_conv_impl": _resolved_impl(c.conv_impl),
+            "client_map": str(c.get("client_map", "vmap")),
+            "client_map_resolved": ctx.client_map_mode() if hasattr(ctx, "client_map_mode") else "vmap"}
+    if proto:
         info["augment_fused_equals_client_augment"] = check_augment_fused()
         info["epochs_precomputed"] = epochs_needed(ctx.local, np.asarray(data.train_count)[ctx.train_ids])
     if profile:
@@ -194,35 +202,30 @@ def epochs_needed(cfg, counts) -> int:
     return max(1, math.ceil(cfg.steps * cfg.batch_size / max(1, int(min(counts)))))
 
 
-def _proto_round(ctx, data, mapping: str, fast: bool):
-    """Prototype rounds: fedavg's round (fedavg.py) with the clients mapped by ``lax.map`` (one
-    client at a time, unbatched matmuls) instead of ``ctx.vmap_clients`` and/or the fast batching
-    of ``fast_local_train``; aggregation as in fedavg.py."""
+def _proto_round(ctx, data):
+    """Prototype round: fedavg's round (fedavg.py) with the fast batching of
+    ``fast_local_train``; clients mapped by ``ctx.vmap_clients`` (so by ``config.client_map``) and
+    aggregation as in fedavg.py."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from framp_jax.aggregate import masked_mean
     from framp_jax.algorithms.base import round_metrics
     from framp_jax.algorithms.fedavg import ce_loss
-    from framp_jax.client import is_finite_tree, local_train
+    from framp_jax.client import is_finite_tree
 
     loss_fn, cfg = ce_loss(ctx.model), ctx.local
     n_epochs = epochs_needed(cfg, np.asarray(data.train_count)[ctx.train_ids])
 
     def train_one(params, x, y, n, k):
-        if fast:
-            return fast_local_train(loss_fn, params, x, y, n, k, cfg, n_epochs)
-        return local_train(loss_fn, params, None, x, y, n, k, cfg)
+        return fast_local_train(loss_fn, params, x, y, n, k, cfg, n_epochs)
 
     def round_fn(state, data, t):
         ids = ctx.sample_clients(t)
         x, y, n = ctx.gather(data, ids)
         keys = ctx.client_keys(t, ids)
         params = state["params"]
-        if mapping == "map":
-            new, losses = jax.lax.map(lambda a: train_one(params, *a), (x, y, n, keys))
-        else:
-            new, losses = ctx.vmap_clients(lambda *a: train_one(params, *a))(x, y, n, keys)
+        new, losses = ctx.vmap_clients(lambda *a: train_one(params, *a))(x, y, n, keys)
         finite = jax.vmap(is_finite_tree)(new) & jnp.isfinite(losses)
         w = n.astype(jnp.float32) * finite
         return {"params": masked_mean(params, new, None, w)}, round_metrics(losses, finite)
@@ -230,7 +233,8 @@ def _proto_round(ctx, data, mapping: str, fast: bool):
     return round_fn
 
 
-PROTOTYPES = {"jax_map": ("map", False), "jax_fast": ("vmap", True), "jax_map_fast": ("map", True)}
+# name: (config.client_map override or None, prototype round?)
+PROTOTYPES = {"jax_vmap": ("vmap", False), "jax_fast": (None, True)}
 
 
 def check_augment_fused():
