@@ -79,8 +79,11 @@ def augment(key, x, pad: int = 4):
 def get_batch(key, x_u8, y, count, step, cfg: LocalConfig):
     if cfg.full_batch:  # graph clients: the whole padded subgraph; y < 0 marks non-train nodes
         return x_u8, y
-    kb, ka = jax.random.split(jax.random.fold_in(key, step))
-    idx = batch_indices(kb, count, x_u8.shape[0], step, cfg.batch_size)
+    # the shuffle key must not depend on the step: batch_indices derives one permutation per
+    # epoch from it, so the steps of an epoch take disjoint slices of the same shuffle
+    kperm, kaug = jax.random.split(key)
+    ka = jax.random.fold_in(kaug, step)
+    idx = batch_indices(kperm, count, x_u8.shape[0], step, cfg.batch_size)
     xb = normalize(x_u8[idx], cfg.mean, cfg.std)
     if cfg.augment and xb.ndim == 4:
         xb = augment(ka, xb)

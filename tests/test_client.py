@@ -215,3 +215,20 @@ def test_class_prototypes_hand_computed():
     np.testing.assert_array_equal(counts, [3, 1, 1, 0])
     want = np.array([[(10 + 50 + 90) / 3, (20 + 60 + 100) / 3], [30, 40], [70, 80], [0, 0]])
     np.testing.assert_allclose(protos, want, rtol=1e-5)
+
+
+def test_get_batch_steps_of_an_epoch_are_disjoint():
+    """Consecutive steps slice one per-epoch shuffle: 4 batches of 10 over 40 samples cover all
+    40 exactly once, and the next epoch is a different order."""
+    import jax
+    import jax.numpy as jnp
+    from framp_jax.client import LocalConfig, get_batch
+    n = 40
+    x = jnp.zeros((48, 4, 4, 3), jnp.uint8)  # padded to 48 slots
+    y = jnp.arange(48, dtype=jnp.int32)
+    cfg = LocalConfig(batch_size=10, augment=False)
+    key = jax.random.key(3)
+    seen = [int(v) for s in range(4) for v in get_batch(key, x, y, n, s, cfg)[1]]
+    assert sorted(seen) == list(range(n))
+    nxt = [int(v) for s in range(4, 8) for v in get_batch(key, x, y, n, s, cfg)[1]]
+    assert sorted(nxt) == list(range(n)) and nxt != seen
