@@ -4,15 +4,11 @@ subgraph clients: fedavg_cora's recipe (all clients per round, 10 full-batch Ada
 the dense 8415-wide first GCN layer dominates: one local epoch of one client (~3.5k nodes) is
 ~23 GFLOP, a round ~2.3 TFLOP. The padded dense features take ~1.2 GB (one copy on the device,
 shared by the train/test/union fields)."""
-from importlib import util
-from pathlib import Path
+from framp_jax.config import sibling_config
 
 
 def _base():
-    spec = util.spec_from_file_location("fedavg_cora", Path(__file__).with_name("fedavg_cora.py"))
-    mod = util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return sibling_config(__file__, "fedavg_cora.py")
 
 
 def get_config():

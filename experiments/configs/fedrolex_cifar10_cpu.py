@@ -9,18 +9,13 @@ each of the 20 clients per level and evaluation (``--config.fedrolex.sbn_max_per
 all); ``--config.fedrolex.eval_bn=batch`` evaluates with batch statistics as the official
 ``main_resnet.py`` does; ``--config.fedrolex.eval_window=last`` evaluates each size at the last
 round's window instead of roll 0."""
-import importlib.util
-import os
+from framp_jax.config import sibling_config
 
 from framp_jax.algorithms.fedrolex import fedrolex_defaults
 
 
 def _fedavg_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fedavg_cifar10_cpu.py")
-    spec = importlib.util.spec_from_file_location("fedavg_cifar10_cpu", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return sibling_config(__file__, "fedavg_cifar10_cpu.py")
 
 
 def get_config():

@@ -1,17 +1,13 @@
 """FedRolex on Cora (10 METIS subgraph clients): fedavg_cora's data, clients, budgets, rounds,
 seed and client optimizer; FedRolex's defaults (rolling window) with width rates = budgets (see
 below) on the engine's own GCN (``backbone="same"``, no BN: evaluation uses plain eval mode)."""
-from importlib import util
-from pathlib import Path
+from framp_jax.config import sibling_config
 
 from framp_jax.algorithms.fedrolex import fedrolex_defaults
 
 
 def _base():
-    spec = util.spec_from_file_location("fedavg_cora", Path(__file__).with_name("fedavg_cora.py"))
-    mod = util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return sibling_config(__file__, "fedavg_cora.py")
 
 
 def get_config():

@@ -1,17 +1,12 @@
 """FIARSE, small CNN on real CIFAR-10: the FedAvg CPU preset's data, clients, budgets, rounds,
 seed and learning rate, with FIARSE's threshold-masked training and server rule."""
-import importlib.util
-import os
+from framp_jax.config import sibling_config
 
 import ml_collections as mlc
 
 
 def _fedavg_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fedavg_cifar10_cpu.py")
-    spec = importlib.util.spec_from_file_location("fedavg_cifar10_cpu", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return sibling_config(__file__, "fedavg_cifar10_cpu.py")
 
 
 def get_config():

@@ -2,17 +2,13 @@
 seed and Adam lr, with FIARSE's options as in fiarse_cifar10_cpu.py. One forced difference:
 weight_decay = 0, because FIARSE refuses weight decay (it would shrink pruned entries, which the
 server would then count as trained; the official worker runs plain SGD)."""
-from importlib import util
-from pathlib import Path
+from framp_jax.config import sibling_config
 
 import ml_collections as mlc
 
 
 def _base():
-    spec = util.spec_from_file_location("fedavg_cora", Path(__file__).with_name("fedavg_cora.py"))
-    mod = util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return sibling_config(__file__, "fedavg_cora.py")
 
 
 def get_config():

@@ -1,14 +1,10 @@
 """FRAMP, small CNN on real CIFAR-10: the same data, clients, budgets, rounds and seed as
 fedavg_cifar10_cpu.py (about 15 minutes on 2 CPU cores)."""
-from importlib import util
-from pathlib import Path
+from framp_jax.config import sibling_config
 
 
 def _base():
-    spec = util.spec_from_file_location("fedavg_cpu", Path(__file__).with_name("fedavg_cifar10_cpu.py"))
-    mod = util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return sibling_config(__file__, "fedavg_cifar10_cpu.py")
 
 
 def get_config():

@@ -1,15 +1,11 @@
 """FRAMP on Cora (10 METIS subgraph clients): exactly fedavg_cora's data, clients, budgets,
 rounds, seed and client optimizer; FRAMP's options as in framp_cifar10_cpu.py (GCN target,
 P = 200,967 parameters for Cora's 1433 features: 50 chunks of 4096)."""
-from importlib import util
-from pathlib import Path
+from framp_jax.config import sibling_config
 
 
 def _base():
-    spec = util.spec_from_file_location("fedavg_cora", Path(__file__).with_name("fedavg_cora.py"))
-    mod = util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return sibling_config(__file__, "fedavg_cora.py")
 
 
 def get_config():

@@ -2,17 +2,13 @@
 seed and client optimizer; HeteroFL's defaults (masked CE, label-wise output aggregation) with
 width rates = budgets (see below) on the engine's own GCN (``backbone="same"``; the GCN has no
 BN, so no sBN pass)."""
-from importlib import util
-from pathlib import Path
+from framp_jax.config import sibling_config
 
 from framp_jax.algorithms.heterofl import heterofl_defaults
 
 
 def _base():
-    spec = util.spec_from_file_location("fedavg_cora", Path(__file__).with_name("fedavg_cora.py"))
-    mod = util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return sibling_config(__file__, "fedavg_cora.py")
 
 
 def get_config():

@@ -1,14 +1,10 @@
 """Local-only training (each client trains its own budget-masked GCN on its own subgraph) on
 Cora, with exactly fedavg_cora's data, clients, budgets, rounds and seed."""
-from importlib import util
-from pathlib import Path
+from framp_jax.config import sibling_config
 
 
 def _base():
-    spec = util.spec_from_file_location("fedavg_cora", Path(__file__).with_name("fedavg_cora.py"))
-    mod = util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return sibling_config(__file__, "fedavg_cora.py")
 
 
 def get_config():

@@ -3,17 +3,13 @@ budgets, rounds, seed and local optimizer, with ScaleFL's level map for the CNN
 (1/64 → 2 exits at width 0.5, 1/16 → 2 exits at width 1, 1/4 → 3 exits at width 0.5,
 1 → the full model; see framp_jax/algorithms/scalefl.py) and no self-distillation (γ = 0, the
 official default)."""
-from importlib import util
-from pathlib import Path
+from framp_jax.config import sibling_config
 
 from framp_jax.algorithms.scalefl import default_options
 
 
 def _fedavg_config():
-    spec = util.spec_from_file_location("fedavg_cifar10_cpu", Path(__file__).with_name("fedavg_cifar10_cpu.py"))
-    mod = util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return sibling_config(__file__, "fedavg_cifar10_cpu.py")
 
 
 def get_config():

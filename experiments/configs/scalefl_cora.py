@@ -5,17 +5,13 @@ a head after layer 1, and the classifier); level map (exits, width) per budget 1
 1/64: (2, 1), (2, 1/4), (1, 1/16), (1, 1/64): GCN parameters grow ~linearly with the hidden
 width (the in_dim x hidden first layer dominates) and dropping layer 2 saves little, so the
 width carries the budget (prunable fractions on Cora 1, 0.235, 0.057, 0.014)."""
-from importlib import util
-from pathlib import Path
+from framp_jax.config import sibling_config
 
 from framp_jax.algorithms.scalefl import default_options
 
 
 def _base():
-    spec = util.spec_from_file_location("fedavg_cora", Path(__file__).with_name("fedavg_cora.py"))
-    mod = util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return sibling_config(__file__, "fedavg_cora.py")
 
 
 def get_config():
