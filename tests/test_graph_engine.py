@@ -204,11 +204,12 @@ def test_build_problem_cora_and_citeseer_override():
 
 
 @needs_cora
-@pytest.mark.parametrize("method", ["fedavg", "local"])
+@pytest.mark.parametrize("method", ["fedavg", "local", "framp", "heterofl", "fedrolex", "fiarse",
+                                    "scalefl"])
 def test_short_cora_run(tmp_path, method):
+    """Every method's Cora preset runs (3 short rounds, one compile) and writes its results."""
     from framp_jax.simulate import run
-    c = _preset("fedavg_cora")
-    c.method = method
+    c = _preset(f"{method}_cora")
     c.data_dir = str(SHARED)
     c.rounds, c.eval_every, c.eval_last, c.local_steps, c.gcn_hidden = 3, 1, 2, 2, 16
     res = run(c, str(tmp_path), progress=False, log=lambda *a: None)

@@ -244,3 +244,69 @@ def test_three_rounds_through_simulate_run(tmp_path):
         assert all(0.0 <= v <= 1.0 for v in saved["final"][split].values())
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert len(rows) == 4 and "lr" in rows[0]
+
+
+# ------------------------------------------------------------------------------------------
+# the GCN analogue (graph benchmark): an exit after layer 1
+
+def _tiny_graph():
+    from types import SimpleNamespace
+    # 5 nodes, undirected edges 0-1, 1-2, 2-3 (node 4 isolated): both directions listed
+    und = [(0, 1), (1, 2), (2, 3)]
+    s = np.array([a for a, b in und] + [b for a, b in und], np.int32)
+    r = np.array([b for a, b in und] + [a for a, b in und], np.int32)
+    x = np.random.default_rng(2).standard_normal((5, 6)).astype(np.float32)
+    A = np.zeros((5, 5), np.float32)
+    A[r, s] = 1.0
+    A += np.eye(5, dtype=np.float32)
+    d = A.sum(1) ** -0.5
+    return SimpleNamespace(nodes=jnp.asarray(x), senders=jnp.asarray(s), receivers=jnp.asarray(r)), \
+        d[:, None] * A * d[None, :], x
+
+
+def test_gcn_exits_match_a_dense_hand_computation_with_scaler():
+    g, ahat, x = _tiny_graph()
+    full = E.make_exits_model("gcn", 3, (6,), 1.0, 2, hidden=8, dropout=0.5)
+    half = E.make_exits_model("gcn", 3, (6,), 0.5, 1, hidden=8, dropout=0.5)
+    assert full.max_exits == 2 and half.num_exits == 1 and half.feature_dim == 4
+    gp = full.init(jax.random.key(0))
+    p = E.extract(gp, E.param_shapes(half))
+    assert set(p) == {"conv1", "exit1"} and p["conv1"]["kernel"].shape == (6, 4)
+    np.testing.assert_array_equal(p["conv1"]["kernel"], gp["conv1"]["kernel"][:, :4])
+    # width 0.5, one exit: relu((Â X W1 + b1) / 0.5) W_e + b_e
+    h1 = np.maximum((ahat @ x @ np.asarray(p["conv1"]["kernel"]) + np.asarray(p["conv1"]["bias"])) / 0.5, 0)
+    want = h1 @ np.asarray(p["exit1"]["kernel"]) + np.asarray(p["exit1"]["bias"])
+    got, feats = half.apply(p, g)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(feats, h1, rtol=1e-5, atol=1e-5)
+    # width 1, two exits: the same function as models/gcn.py's GCN with its exit1 head
+    from framp_jax.models.gcn import make_gcn
+    ref = make_gcn(6, 3, hidden=8, early_exit=True)
+    lg, f, e1 = ref.apply(gp, g, return_exit1=True)
+    outs = full.apply_exits(gp, g)
+    np.testing.assert_allclose(outs[0], e1, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(outs[1], lg, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(full.apply(gp, g)[1], f, rtol=1e-5, atol=1e-5)
+    # dropout in training needs a key and changes the output; eval ignores it
+    with pytest.raises(ValueError, match="rng"):
+        full.apply(gp, g, train=True)
+    tr = full.apply(gp, g, train=True, rng=jax.random.key(1))[0]
+    assert not np.allclose(tr, lg)
+
+
+def test_gcn_level_map_and_fractions_by_hand():
+    c = base_config()
+    c.model, c.budget_levels = "gcn", (1.0, 0.25, 0.0625, 0.015625)
+    c.scalefl = S.default_options()
+    lv = S.level_map(c)
+    assert lv == S.DEFAULT_LEVELS["gcn"]
+    fr = S.level_fractions("gcn", 7, (1433,), lv, hidden=128)
+    # prunable: conv kernels + exit/classifier kernels and biases (conv biases not)
+    tot = 1433 * 128 + 128 * 128 + 2 * (128 * 7 + 7)
+    want = {1.0: 1.0, 0.25: (1433 * 32 + 32 * 32 + 2 * (32 * 7 + 7)) / tot,
+            0.0625: (1433 * 8 + 8 * 7 + 7) / tot, 0.015625: (1433 * 2 + 2 * 7 + 7) / tot}
+    for b, v in want.items():
+        assert fr[b] == pytest.approx(v, rel=1e-9), b
+    c.scalefl.exits, c.scalefl.widths = (3, 2, 1, 1), (1.0, 0.25, 0.0625, 0.015625)
+    with pytest.raises(ConfigError, match="1..2"):
+        S.level_map(c)

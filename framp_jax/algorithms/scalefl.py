@@ -27,6 +27,9 @@ Default level maps (``scalefl.exits``/``scalefl.widths`` empty):
 - small CNN (3 exits; our choice, same widths {0.5, 1}): 1/64 → (2, 0.5), 1/16 → (2, 1.0),
   1/4 → (3, 0.5), 1 → (3, 1.0); fractions 0.0104, 0.0354, 0.2536, 1 (each level's most
   parameters within 1.02 × its budget, among the CNN's (exits, width ∈ {0.5, 1}) models).
+- GCN (graph analogue: an exit after layer 1; our choice): 1 → (2, 1), 1/4 → (2, 1/4),
+  1/16 → (1, 1/16), 1/64 → (1, 1/64). The in_dim × hidden first layer dominates a GCN's
+  parameters, so the width carries the budget (Cora: fractions 1, 0.235, 0.057, 0.014).
 Fractions count the prunable parameters (kernels and classifier biases), the entries a budget
 measures elsewhere in framp_jax; ``init`` prints each level's measured fraction.
 """
@@ -47,8 +50,9 @@ from framp_jax.models import exits as E
 DEFAULT_LEVELS = {
     "resnet18": {1.0: (4, 1.0), 0.25: (3, 1.0), 0.0625: (3, 0.5), 0.015625: (2, 0.5)},
     "cnn": {1.0: (3, 1.0), 0.25: (3, 0.5), 0.0625: (2, 1.0), 0.015625: (2, 0.5)},
+    "gcn": {1.0: (2, 1.0), 0.25: (2, 0.25), 0.0625: (1, 0.0625), 0.015625: (1, 0.015625)},
 }
-MAX_EXITS = {"resnet18": 4, "cnn": 3}
+MAX_EXITS = {"resnet18": 4, "cnn": 3, "gcn": 2}
 
 
 def default_options() -> mlc.ConfigDict:
@@ -68,7 +72,7 @@ def level_map(c) -> dict:
     """{budget: (exits, width)} for every configured budget level, validated."""
     o = c.scalefl
     if c.model not in MAX_EXITS:
-        raise ConfigError("model", c.model, "ScaleFL has early-exit variants of 'cnn' and 'resnet18'")
+        raise ConfigError("model", c.model, "ScaleFL has early-exit variants of 'cnn', 'resnet18' and 'gcn'")
     levels = [float(b) for b in c.budget_levels]
     if len(o.exits) == 0 and len(o.widths) == 0:
         d = DEFAULT_LEVELS[c.model]
@@ -172,11 +176,12 @@ def aggregate(global_params, level_updates):
                         global_params, num, den)
 
 
-def level_fractions(model: str, num_classes: int, image_shape, levels: dict) -> dict:
-    """{budget: prunable-parameter fraction of the level's model relative to the global one}."""
-    full = E.make_exits_model(model, num_classes, image_shape, 1.0, MAX_EXITS[model])
+def level_fractions(model: str, num_classes: int, image_shape, levels: dict, **kw) -> dict:
+    """{budget: prunable-parameter fraction of the level's model relative to the global one}
+    (``kw``: the GCN's ``hidden``/``dropout``)."""
+    full = E.make_exits_model(model, num_classes, image_shape, 1.0, MAX_EXITS[model], **kw)
     tot = E.num_params(full, prunable_only=True)
-    return {b: E.num_params(E.make_exits_model(model, num_classes, image_shape, w, h),
+    return {b: E.num_params(E.make_exits_model(model, num_classes, image_shape, w, h, **kw),
                             prunable_only=True) / tot for b, (h, w) in levels.items()}
 
 
@@ -189,12 +194,19 @@ def scalefl(ctx: Context) -> Algorithm:
     milestones, decay = tuple(int(m) for m in o.lr_milestones), float(o.lr_decay)
     K = ctx.num_classes
     cache = {}
+    kw = dict(hidden=int(c.gcn_hidden), dropout=float(c.dropout)) if c.model == "gcn" else {}
+
+    def input_shape(data):
+        """The image shape, or ``(in_dim,)`` for graph clients (``train_x`` is a graph pytree)."""
+        if c.model == "gcn":
+            return (int(jax.eval_shape(ctx.model.init, jax.random.key(0))["conv1"]["kernel"].shape[0]),)
+        return tuple(int(d) for d in data.train_x.shape[2:])
 
     def models(data):
-        """Global and per-level exit models for the data's image shape (built once)."""
-        shape = tuple(int(d) for d in data.train_x.shape[2:])
+        """Global and per-level exit models for the data's input shape (built once)."""
+        shape = input_shape(data)
         if shape not in cache:
-            mk = lambda w, h: E.make_exits_model(c.model, K, shape, w, h, c.conv_impl)
+            mk = lambda w, h: E.make_exits_model(c.model, K, shape, w, h, c.conv_impl, **kw)
             per = {b: mk(w, h) for b, (h, w) in levels.items()}
             cache[shape] = (mk(1.0, MAX_EXITS[c.model]), per,
                             {b: E.param_shapes(m) for b, m in per.items()})
@@ -205,7 +217,7 @@ def scalefl(ctx: Context) -> Algorithm:
 
     def init(key, data):
         full, per, _ = models(data)
-        fr = level_fractions(c.model, K, tuple(data.train_x.shape[2:]), levels)
+        fr = level_fractions(c.model, K, input_shape(data), levels, **kw)
         for b in sorted(levels):
             h, w = levels[b]
             print(f"scalefl level budget={b:g}: exits={h} width={w:g} params={E.num_params(per[b])} "

@@ -9,6 +9,9 @@ Two families, both following ScaleFL's conventions (git-disl/scale-fl ``models/r
   small levels). Exit 4 is the network's own classifier.
 - ``make_cnn_exits``: the small CNN of ``models/cnn.py`` with exits after the conv1 and conv2
   blocks (global average pool + Linear); exit 3 is the network's dense + classifier head.
+- ``make_gcn_exits``: the 2-layer GCN of ``models/gcn.py`` (the graph analogue, issue 6) with an
+  exit after layer 1 (a Linear head on layer 1's node embeddings, as ``make_gcn(early_exit=True)``);
+  exit 2 is the network's classifier. Its "image shape" is ``(in_dim,)``.
 
 ``width`` scales every hidden width to ``max(1, int(width · C))`` (floor, as ScaleFL's
 ``int(16 * scale)``); the classifiers keep all outputs. A ``Scaler`` divides the output of every
@@ -214,13 +217,74 @@ def make_cnn_exits(num_classes: int, image_shape=(32, 32, 3), channels=(16, 32, 
                      apply_exits, exits, 3, width)
 
 
+def make_gcn_exits(num_classes: int, in_dim: int, hidden: int = 128, width: float = 1.0,
+                   exits: int = 2, dropout: float = 0.5) -> ExitModel:
+    """The GCN of ``models/gcn.py`` at hidden width ``int(width · hidden)`` with ``exits`` (1 or
+    2) exits: exit 1 = Linear on layer 1's output (after ReLU and dropout), exit 2 = conv2 +
+    ReLU + dropout + classifier. ScaleFL's Scaler divides each conv's output by ``width`` (train
+    and eval), before the ReLU. Features (``apply``'s second output) are the deepest hidden
+    embedding the level holds (before dropout)."""
+    from framp_jax.models.gcn import _dropout, _glorot, _propagate, gcn_normalization, graph_arrays
+
+    _check(width, exits, 2)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    hid = scaled(int(hidden), width)
+    sc = _scaler(width)
+
+    def init(key):
+        k = lambda i: jax.random.fold_in(key, i)
+        lin = lambda i, a, b: {"kernel": _glorot(k(i), (a, b), jnp.float32),
+                               "bias": jnp.zeros((b,), jnp.float32)}
+        params = {"conv1": lin(0, in_dim, hid), "exit1": lin(1, hid, num_classes)}
+        if exits == 2:
+            params["conv2"] = lin(2, hid, hid)
+            params["classifier"] = lin(3, hid, num_classes)
+        return params
+
+    def forward(params, graph, train, rng):
+        nodes, senders, receivers, node_mask = graph_arrays(graph)
+        x = jnp.asarray(nodes, jnp.float32)
+        ec, scf = gcn_normalization(senders, receivers, x.shape[0], node_mask)
+        drop = train and dropout > 0.0
+        if drop and rng is None:
+            raise ValueError("apply(train=True) with dropout > 0 needs rng")
+        keys = jax.random.split(rng, 2) if drop else (None, None)
+        conv = lambda h, p: sc(_propagate(h @ p["kernel"], senders, receivers, ec, scf) + p["bias"])
+        dense = lambda h, p: h @ p["kernel"] + p["bias"]
+        f1 = jax.nn.relu(conv(x, params["conv1"]))
+        h1 = _dropout(f1, dropout, keys[0]) if drop else f1
+        outs = [(dense(h1, params["exit1"]), f1)]
+        if exits == 2:
+            f2 = jax.nn.relu(conv(h1, params["conv2"]))
+            h2 = _dropout(f2, dropout, keys[1]) if drop else f2
+            outs.append((dense(h2, params["classifier"]), f2))
+        return outs
+
+    def apply(params, graph, *, train: bool = False, rng=None):
+        return forward(params, graph, train, rng)[-1]
+
+    def apply_exits(params, graph, *, train: bool = False, rng=None):
+        return [lg for lg, _ in forward(params, graph, train, rng)]
+
+    def prunable(params):  # as models/gcn.py: the conv biases are not prunable
+        return {n: {k: k == "kernel" or not n.startswith("conv") for k in p} for n, p in params.items()}
+
+    return ExitModel(f"gcn_exits(w={width},h={exits})", init, apply, prunable, hid, num_classes,
+                     apply_exits, exits, 2, width)
+
+
 def make_exits_model(model: str, num_classes: int, image_shape, width: float, exits: int,
-                     conv_impl: str = "auto") -> ExitModel:
+                     conv_impl: str = "auto", *, hidden: int = 128, dropout: float = 0.5) -> ExitModel:
+    """The (width, exits) model of ``model``; for ``"gcn"`` ``image_shape`` is ``(in_dim,)`` and
+    ``hidden``/``dropout`` are the GCN's."""
     if model == "resnet18":
         return make_resnet18_exits(num_classes, image_shape, width, exits, conv_impl)
     if model == "cnn":
         return make_cnn_exits(num_classes, image_shape, width=width, exits=exits, conv_impl=conv_impl)
-    raise ValueError(f"model={model!r}: early-exit variants exist for 'resnet18' and 'cnn'")
+    if model == "gcn":
+        return make_gcn_exits(num_classes, int(image_shape[0]), hidden, width, exits, dropout)
+    raise ValueError(f"model={model!r}: early-exit variants exist for 'resnet18', 'cnn' and 'gcn'")
 
 
 # ---------------------------------------------------------------------------------------------
