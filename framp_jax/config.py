@@ -84,7 +84,7 @@ def framp_defaults() -> mlc.ConfigDict:
     f.func_emb_steps = 50               # local steps behind a func_emb descriptor
     f.hypernet = "chunked"              # key of framp_jax.hypernet.HYPERNETS
     f.hn_hidden = 128
-    f.chunk_size = 16384
+    f.chunk_size = 16384                # 0 = one chunk of all P entries (FedSheafHN's single head)
     f.chunk_dim = 64
     f.gen_hidden = 256
     f.generate = "all"                  # | backbone (per-client local classifier)
@@ -217,8 +217,10 @@ def validate_framp(c) -> None:
     _check(f.hypernet in HYPERNETS, "framp.hypernet", f.hypernet, f"one of {tuple(HYPERNETS)}")
     _check(isinstance(f.proto_samples, int) and f.proto_samples >= 0, "framp.proto_samples",
            f.proto_samples, "an integer >= 0 (0 = every training sample)")
-    for k in ("hn_hidden", "chunk_size", "chunk_dim", "gen_hidden", "func_emb_steps"):
+    for k in ("hn_hidden", "chunk_dim", "gen_hidden", "func_emb_steps"):
         _check(isinstance(f[k], int) and f[k] >= 1, f"framp.{k}", f[k], "an integer >= 1")
+    _check(isinstance(f.chunk_size, int) and f.chunk_size >= 0, "framp.chunk_size", f.chunk_size,
+           "an integer >= 1, or 0 for a single chunk of every generated entry")
     _check(f.lam >= 0, "framp.lam", f.lam, ">= 0")
     _check(f.hn_lr > 0, "framp.hn_lr", f.hn_lr, "> 0")
     _check(f.proto_noise_std >= 0, "framp.proto_noise_std", f.proto_noise_std, ">= 0")

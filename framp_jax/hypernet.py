@@ -61,6 +61,7 @@ def chunked_hypernet(template, generated=None, *, hidden: int = 128, chunk_size:
                      chunk_dim: int = 64, gen_hidden: int = 256, dropout: float = 0.0) -> HyperNet:
     """SPEC §1.4's chunked HN for the target ``template`` pytree (shapes only are used).
 
+    ``chunk_size=0`` (or any size >= P) gives one chunk (SPEC §1.4 item 5, the graph default).
     ``generated``: pytree of bools, the leaves to generate (default all); the others are
     returned as zeros and must be filled in by the caller (``generate="backbone"``).
     """
@@ -70,7 +71,9 @@ def chunked_hypernet(template, generated=None, *, hidden: int = 128, chunk_size:
     flags = jax.tree.leaves(generated)
     a_vec, b_vec = entry_scales(template, generated)
     p_gen = int(a_vec.size)
-    chunk = min(chunk_size, p_gen)
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size={chunk_size}: an integer >= 1, or 0 for one chunk")
+    chunk = p_gen if chunk_size == 0 else min(chunk_size, p_gen)
     n_chunks = -(-p_gen // chunk)
     shapes = [l.shape for l in leaves]
 
