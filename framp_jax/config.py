@@ -72,6 +72,8 @@ def base_config() -> mlc.ConfigDict:
     c.dropout = 0.5                # GCN dropout
     c.graph_split_seed = 123       # node split / partition seed (FedSheafHN's 123; -1 = c.seed)
     c.graph_partition = "metis"    # metis | bfs
+    c.graph_features = "auto"      # dense | sparse (coordinate lists) | auto: sparse when
+    #                                under 5% of the node features are nonzero
     c.graph_ratio_train = 0.4      # train node fraction; test and val get half the rest each
     c.framp = framp_defaults()
     return c
@@ -170,6 +172,8 @@ def validate_graph(c) -> None:
     _check(0 <= c.dropout < 1, "dropout", c.dropout, "in [0, 1)")
     _check(isinstance(c.graph_split_seed, int) and c.graph_split_seed >= -1, "graph_split_seed",
            c.graph_split_seed, "an integer >= 0, or -1 to use config.seed")
+    _check(c.graph_features in ("auto", "dense", "sparse"), "graph_features", c.graph_features,
+           "auto, dense or sparse")
     _check(c.graph_partition in ("metis", "bfs"), "graph_partition", c.graph_partition,
            "metis or bfs")
     _check(0 < c.graph_ratio_train < 1, "graph_ratio_train", c.graph_ratio_train, "in (0, 1)")

@@ -53,16 +53,33 @@ class GraphClients(NamedTuple):
     ``model.apply(params, GraphClients_of_one_client, ...)`` works as is.
     """
 
-    graphs: Any       # jraph.GraphsTuple: nodes [C, n_pad, F] f32, senders/receivers [C, e_pad]
+    graphs: Any       # jraph.GraphsTuple: nodes [C, n_pad, F] f32 (or SparseFeatures), senders/receivers [C, e_pad]
     node_mask: Any    # bool [C, n_pad]: real (non-padding) nodes
 
 
-def graph_fed_arrays(padded, budgets, num_classes: int) -> FedData:
+SPARSE_MAX_DENSITY = 0.05
+
+
+def choose_features(mode: str, entries: int, nonzero: int) -> str:
+    """"dense" or "sparse" for ``graph_features=mode``, given the number of ``entries`` of the
+    stacked dense client features and how many are ``nonzero``.
+
+    ``auto`` picks coordinate lists when under 5% of the features are nonzero: the bag-of-words
+    graphs here (Cora 1.3%, CiteSeer 0.9%, Coauthor CS 0.9%, Physics 0.4%), not the Amazon ones
+    (~35%). ``benchmarks/bench_graph_features.py`` measures the two side by side."""
+    if mode != "auto":
+        return mode
+    return "sparse" if nonzero < SPARSE_MAX_DENSITY * entries else "dense"
+
+
+def graph_fed_arrays(padded, budgets, num_classes: int, features: str = "dense") -> FedData:
     """FedData (device arrays) from a :class:`~framp_jax.data.graph_partition.PaddedGraphs`.
 
     Labels outside a split are ``-1``: ``train_y`` keeps train nodes only, ``test_y`` (= ``union_y``)
     test nodes only. The graph arrays are put on the device once and shared by the train, test
-    and union fields.
+    and union fields. ``features="sparse"`` stores the node features as
+    :class:`~framp_jax.models.gcn.SparseFeatures` (zero-valued padding entries at each client's
+    last, padding node).
     """
     labels = np.asarray(padded.labels, np.int32)
     train_m = np.asarray(padded.train_mask, bool)
@@ -74,7 +91,15 @@ def graph_fed_arrays(padded, budgets, num_classes: int) -> FedData:
     for i in range(n):
         lc[i] = np.bincount(labels[i][train_m[i]], minlength=num_classes)[:num_classes]
     g = padded.graphs
-    graphs = g._replace(nodes=jnp.asarray(g.nodes), senders=jnp.asarray(g.senders),
+    if features == "sparse":
+        from framp_jax.models.gcn import sparse_features
+        sf = sparse_features(g.nodes)
+        nodes = jax.tree.map(jnp.asarray, sf)
+    elif features == "dense":
+        nodes = jnp.asarray(g.nodes)
+    else:
+        raise ValueError(f"features={features!r}: 'dense' or 'sparse'")
+    graphs = g._replace(nodes=nodes, senders=jnp.asarray(g.senders),
                         receivers=jnp.asarray(g.receivers), n_node=jnp.asarray(g.n_node),
                         n_edge=jnp.asarray(g.n_edge))
     x = GraphClients(graphs, jnp.asarray(padded.node_mask, bool))
@@ -155,13 +180,15 @@ def build_graph_problem(c, verbose: bool = True):
     padded = gp.pad_clients(clients)
     del clients
     budgets = C.assign_budgets(c)
-    data = graph_fed_arrays(padded, budgets, k)
+    nodes = padded.graphs.nodes
+    features = choose_features(str(c.graph_features), nodes.size, int(np.count_nonzero(nodes)))
+    data = graph_fed_arrays(padded, budgets, k, features)
     n_pad, e_pad = int(padded.labels.shape[1]), int(padded.graphs.senders.shape[1])
     num_nodes, num_edges = padded.num_nodes.tolist(), padded.num_edges.tolist()
     del padded
     if verbose:
         print(f"graph data ready in {time.time() - t0:.1f} s (n_pad={n_pad}, e_pad={e_pad}, "
-              f"{in_dim} features, {k} classes)")
+              f"{in_dim} features ({features}), {k} classes)")
 
     model = make_gcn(in_dim, k, hidden=int(c.gcn_hidden), dropout=float(c.dropout))
     held = np.concatenate(C.heldout_ids(c)) if c.heldout_frac > 0 else np.zeros((0,), int)
@@ -178,7 +205,7 @@ def build_graph_problem(c, verbose: bool = True):
                 client_nodes=num_nodes, client_edge_entries=num_edges,
                 train_nodes=train_count.tolist(), test_nodes=test_count.tolist(),
                 union_size=int(test_count.sum()), n_pad=n_pad, e_pad=e_pad,
-                split_seed=split_seed, partition=str(c.graph_partition),
+                split_seed=split_seed, partition=str(c.graph_partition), features=features,
                 heldout_ids=held.tolist())
     text += "\nbudgets per client: " + " ".join(f"{i}:{b:g}" for i, b in enumerate(budgets))
     return Problem(c, data, model, ctx, info, text,

@@ -176,3 +176,44 @@ def test_early_exit_head():
     plain = make_gcn(6, 3, hidden=16)
     with pytest.raises(ValueError, match="exit1"):
         plain.apply(plain.init(jax.random.key(0)), g, return_exit1=True)
+
+
+def test_sparse_features_give_the_dense_outputs_and_gradients(clients):
+    """Coordinate-list features (graph_features='sparse') compute the same GCN as the dense
+    matrix: logits, features and the conv1 kernel's gradient, vmapped over padded clients."""
+    from framp_jax.models.gcn import SparseFeatures, sparse_features
+    padded = gp.pad_clients(clients[:3])
+    g = padded.graphs
+    dense = np.asarray(g.nodes)
+    sf = sparse_features(dense)
+    assert isinstance(sf, SparseFeatures) and sf.rows.shape[0] == 3 and sf.shape == dense.shape[1:]
+    nnz = [int(np.count_nonzero(d)) for d in dense]
+    assert sf.rows.shape[1] == max(nnz)
+    for i in range(3):  # round trip, and padding entries are zeros at the last (padding) node
+        np.testing.assert_array_equal(np.asarray(jax.tree.map(lambda a: a[i], sf).todense()), dense[i])
+        assert np.all(sf.vals[i, nnz[i]:] == 0) and np.all(sf.rows[i, nnz[i]:] == dense.shape[1] - 1)
+    gs = g._replace(nodes=jax.tree.map(jnp.asarray, sf))
+    m = make_gcn(dense.shape[-1], clients[0].num_classes, hidden=16)
+    params = m.init(jax.random.key(5))
+    out = lambda gr: jax.vmap(lambda x, mask: m.apply(params, x, node_mask=mask))(gr, padded.node_mask)
+    (ld, fd), (ls, fs) = jax.jit(out)(g), jax.jit(out)(gs)
+    np.testing.assert_allclose(ls, ld, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fs, fd, rtol=1e-5, atol=1e-5)
+
+    def loss(p, gr, mask, y):
+        logits, _ = m.apply(p, gr, node_mask=mask)
+        ll = jax.nn.log_softmax(logits)
+        return -jnp.sum(jnp.take_along_axis(ll, y[:, None], 1)[:, 0] * mask)
+
+    grad = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0, 0, 0)))
+    gd = grad(params, g, padded.train_mask, padded.labels)
+    gsp = grad(params, gs, padded.train_mask, padded.labels)
+    for a, b in zip(jax.tree.leaves(gsp), jax.tree.leaves(gd)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_choose_features_auto_rule():
+    from framp_jax.graph_engine import choose_features
+    assert choose_features("auto", 1000, 49) == "sparse"
+    assert choose_features("auto", 1000, 50) == "dense"
+    assert choose_features("sparse", 10, 10) == "sparse" and choose_features("dense", 10, 0) == "dense"

@@ -224,7 +224,8 @@ def make_gcn_exits(num_classes: int, in_dim: int, hidden: int = 128, width: floa
     ReLU + dropout + classifier. ScaleFL's Scaler divides each conv's output by ``width`` (train
     and eval), before the ReLU. Features (``apply``'s second output) are the deepest hidden
     embedding the level holds (before dropout)."""
-    from framp_jax.models.gcn import _dropout, _glorot, _propagate, gcn_normalization, graph_arrays
+    from framp_jax.models.gcn import (SparseFeatures, _dropout, _glorot, _propagate, feature_matmul,
+                                      gcn_normalization, graph_arrays)
 
     _check(width, exits, 2)
     if not 0.0 <= dropout < 1.0:
@@ -244,13 +245,13 @@ def make_gcn_exits(num_classes: int, in_dim: int, hidden: int = 128, width: floa
 
     def forward(params, graph, train, rng):
         nodes, senders, receivers, node_mask = graph_arrays(graph)
-        x = jnp.asarray(nodes, jnp.float32)
+        x = nodes if isinstance(nodes, SparseFeatures) else jnp.asarray(nodes, jnp.float32)
         ec, scf = gcn_normalization(senders, receivers, x.shape[0], node_mask)
         drop = train and dropout > 0.0
         if drop and rng is None:
             raise ValueError("apply(train=True) with dropout > 0 needs rng")
         keys = jax.random.split(rng, 2) if drop else (None, None)
-        conv = lambda h, p: sc(_propagate(h @ p["kernel"], senders, receivers, ec, scf) + p["bias"])
+        conv = lambda h, p: sc(_propagate(feature_matmul(h, p["kernel"]), senders, receivers, ec, scf) + p["bias"])
         dense = lambda h, p: h @ p["kernel"] + p["bias"]
         f1 = jax.nn.relu(conv(x, params["conv1"]))
         h1 = _dropout(f1, dropout, keys[0]) if drop else f1

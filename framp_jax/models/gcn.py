@@ -25,12 +25,79 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from framp_jax.models.base import Model
 
-__all__ = ["make_gcn", "make_gcn_width", "gcn_normalization", "graph_arrays"]
+__all__ = ["make_gcn", "make_gcn_width", "gcn_normalization", "graph_arrays", "SparseFeatures",
+           "sparse_features", "feature_matmul"]
 
 _glorot = jax.nn.initializers.glorot_uniform()
+
+
+@jax.tree_util.register_pytree_node_class
+class SparseFeatures:
+    """Node features as coordinate lists (``nodes`` of a graph whose features are mostly zero).
+
+    ``rows``/``cols``/``vals`` [..., nnz_pad]: entry (rows[k], cols[k]) of the [num_nodes,
+    num_features] matrix holds vals[k]; padding entries hold 0 (any row/col). ``num_nodes`` and
+    ``num_features`` are static (pytree aux data), so a client-stacked SparseFeatures vmaps and
+    jits like the dense array it replaces. ``feature_matmul`` computes X @ W as a gather of W's
+    rows and a segment sum: O(nnz · h) instead of O(num_nodes · num_features · h).
+    """
+
+    def __init__(self, rows, cols, vals, num_nodes: int, num_features: int):
+        self.rows, self.cols, self.vals = rows, cols, vals
+        self.num_nodes, self.num_features = int(num_nodes), int(num_features)
+
+    def tree_flatten(self):
+        return (self.rows, self.cols, self.vals), (self.num_nodes, self.num_features)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    @property
+    def shape(self):
+        return (self.num_nodes, self.num_features)
+
+    def todense(self):
+        """The dense [num_nodes, num_features] matrix (one client; tests and small graphs)."""
+        out = jnp.zeros((self.num_nodes, self.num_features), jnp.float32)
+        return out.at[self.rows, self.cols].add(self.vals)
+
+
+def sparse_features(x, pad_row: int | None = None, nnz_pad: int | None = None) -> SparseFeatures:
+    """Coordinate lists of dense features ``x`` [C, N, F] (stacked clients) or [N, F], padded to
+    a common ``nnz_pad`` (default: the largest client's count) with zero entries at row
+    ``pad_row`` (default N - 1), column 0. numpy in, numpy leaves out."""
+    x = np.asarray(x, np.float32)
+    stacked = x.ndim == 3
+    xs = x if stacked else x[None]
+    c, n, f = xs.shape
+    nz = [np.nonzero(xi) for xi in xs]
+    need = max(1, max(r.shape[0] for r, _ in nz))
+    nnz_pad = need if nnz_pad is None else int(nnz_pad)
+    if nnz_pad < need:
+        raise ValueError(f"nnz_pad={nnz_pad} < {need} nonzero features of the largest client")
+    pad_row = n - 1 if pad_row is None else int(pad_row)
+    rows = np.full((c, nnz_pad), pad_row, np.int32)
+    cols = np.zeros((c, nnz_pad), np.int32)
+    vals = np.zeros((c, nnz_pad), np.float32)
+    for i, (r, cc) in enumerate(nz):
+        k = r.shape[0]
+        rows[i, :k], cols[i, :k], vals[i, :k] = r, cc, xs[i][r, cc]
+    if not stacked:
+        rows, cols, vals = rows[0], cols[0], vals[0]
+    return SparseFeatures(rows, cols, vals, n, f)
+
+
+def feature_matmul(h, kernel):
+    """``h @ kernel`` for dense ``h`` [N, F] or one client's :class:`SparseFeatures`."""
+    if isinstance(h, SparseFeatures):
+        msg = kernel[h.cols] * h.vals[:, None]
+        return jax.ops.segment_sum(msg, h.rows, num_segments=h.num_nodes)
+    return h @ kernel
 
 
 def graph_arrays(graph: Any):
@@ -119,7 +186,7 @@ def make_gcn(
         nodes, senders, receivers, graph_mask = graph_arrays(graph)
         if node_mask is None:
             node_mask = graph_mask
-        x = jnp.asarray(nodes, jnp.float32)
+        x = nodes if isinstance(nodes, SparseFeatures) else jnp.asarray(nodes, jnp.float32)
         n = x.shape[0]
         edge_coef, self_coef = gcn_normalization(senders, receivers, n, node_mask)
         use_dropout = train and dropout > 0.0
@@ -129,7 +196,7 @@ def make_gcn(
             k1, k2 = jax.random.split(rng)
 
         def conv(h, p):
-            return _propagate(h @ p["kernel"], senders, receivers, edge_coef, self_coef) + p["bias"]
+            return _propagate(feature_matmul(h, p["kernel"]), senders, receivers, edge_coef, self_coef) + p["bias"]
 
         h1 = jax.nn.relu(conv(x, params["conv1"]))
         if use_dropout:
