@@ -186,7 +186,7 @@ def test_sparse_features_give_the_dense_outputs_and_gradients(clients):
     g = padded.graphs
     dense = np.asarray(g.nodes)
     sf = sparse_features(dense)
-    assert isinstance(sf, SparseFeatures) and sf.rows.shape[0] == 3 and sf.shape == dense.shape[1:]
+    assert isinstance(sf, SparseFeatures) and sf.rows.shape[0] == 3 and sf.shape == dense.shape
     nnz = [int(np.count_nonzero(d)) for d in dense]
     assert sf.rows.shape[1] == max(nnz)
     for i in range(3):  # round trip, and padding entries are zeros at the last (padding) node

@@ -59,7 +59,8 @@ class SparseFeatures:
 
     @property
     def shape(self):
-        return (self.num_nodes, self.num_features)
+        """As the dense array's: leading (client) axes, then (num_nodes, num_features)."""
+        return tuple(self.rows.shape[:-1]) + (self.num_nodes, self.num_features)
 
     def todense(self):
         """The dense [num_nodes, num_features] matrix (one client; tests and small graphs)."""
