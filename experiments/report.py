@@ -39,7 +39,9 @@ def main():
         dst = os.path.join(a.out, name)
         os.makedirs(dst, exist_ok=True)
         for fn in ("config.json", "results.json", "metrics.csv"):
-            if os.path.exists(os.path.join(run, fn)):
+            src = os.path.join(run, fn)
+            if os.path.exists(src) and not (os.path.exists(os.path.join(dst, fn))
+                                            and os.path.samefile(src, os.path.join(dst, fn))):
                 shutil.copy(os.path.join(run, fn), os.path.join(dst, fn))
         print(row(name, res))
 
