@@ -48,10 +48,8 @@ PRESET = os.path.join(ROOT, "experiments", "configs", "fedavg_cifar10_cpu.py")
 
 
 def load_preset():
-    spec = importlib.util.spec_from_file_location("fedavg_cifar10_cpu", PRESET)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    from framp_jax.config import sibling_config
+    return sibling_config(PRESET, os.path.basename(PRESET))
 
 
 def _cpu_model() -> str:

@@ -22,15 +22,16 @@ class ConfigError(ValueError):
         self.field = field
 
 
-def sibling_config(anchor_file: str, filename: str) -> mlc.ConfigDict:
-    """``get_config()`` of the preset ``filename`` in the directory of ``anchor_file`` (presets
-    are loaded by path, not imported: ``experiments/configs`` is not a package)."""
+def sibling_config(anchor_file: str, filename: str, *args, **kwargs) -> mlc.ConfigDict:
+    """``get_config(*args, **kwargs)`` of the preset ``filename`` in the directory of
+    ``anchor_file`` (presets are loaded by path, not imported: ``experiments/configs`` is not a
+    package)."""
     import importlib.util
     path = os.path.join(os.path.dirname(os.path.abspath(anchor_file)), filename)
     spec = importlib.util.spec_from_file_location(os.path.splitext(filename)[0], path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.get_config()
+    return mod.get_config(*args, **kwargs)
 
 
 def base_config() -> mlc.ConfigDict:
