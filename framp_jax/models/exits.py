@@ -224,8 +224,7 @@ def make_gcn_exits(num_classes: int, in_dim: int, hidden: int = 128, width: floa
     ReLU + dropout + classifier. ScaleFL's Scaler divides each conv's output by ``width`` (train
     and eval), before the ReLU. Features (``apply``'s second output) are the deepest hidden
     embedding the level holds (before dropout)."""
-    from framp_jax.models.gcn import (SparseFeatures, _dropout, _glorot, _propagate, feature_matmul,
-                                      gcn_normalization, graph_arrays)
+    from framp_jax.models.gcn import _glorot, gcn_layers
 
     _check(width, exits, 2)
     if not 0.0 <= dropout < 1.0:
@@ -244,23 +243,10 @@ def make_gcn_exits(num_classes: int, in_dim: int, hidden: int = 128, width: floa
         return params
 
     def forward(params, graph, train, rng):
-        nodes, senders, receivers, node_mask = graph_arrays(graph)
-        x = nodes if isinstance(nodes, SparseFeatures) else jnp.asarray(nodes, jnp.float32)
-        ec, scf = gcn_normalization(senders, receivers, x.shape[0], node_mask)
-        drop = train and dropout > 0.0
-        if drop and rng is None:
-            raise ValueError("apply(train=True) with dropout > 0 needs rng")
-        keys = jax.random.split(rng, 2) if drop else (None, None)
-        conv = lambda h, p: sc(_propagate(feature_matmul(h, p["kernel"]), senders, receivers, ec, scf) + p["bias"])
+        layers = gcn_layers(params, graph, train=train, rng=rng, dropout=dropout, scale=sc, depth=exits)
         dense = lambda h, p: h @ p["kernel"] + p["bias"]
-        f1 = jax.nn.relu(conv(x, params["conv1"]))
-        h1 = _dropout(f1, dropout, keys[0]) if drop else f1
-        outs = [(dense(h1, params["exit1"]), f1)]
-        if exits == 2:
-            f2 = jax.nn.relu(conv(h1, params["conv2"]))
-            h2 = _dropout(f2, dropout, keys[1]) if drop else f2
-            outs.append((dense(h2, params["classifier"]), f2))
-        return outs
+        heads = ("exit1", "classifier")
+        return [(dense(h, params[heads[i]]), f) for i, (f, h) in enumerate(layers)]
 
     def apply(params, graph, *, train: bool = False, rng=None):
         return forward(params, graph, train, rng)[-1]

@@ -146,6 +146,31 @@ def _dropout(x, rate: float, key):
     return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
+def gcn_layers(params, graph, *, train: bool, rng, dropout: float, node_mask=None,
+               scale=None, depth: int = 2):
+    """The GCN convolutions ``conv1..conv<depth>`` of ``params`` on ``graph``: per layer
+    ``(f, h)`` with ``f = relu(scale(Â h_prev W + b))`` and ``h`` = ``f`` after dropout (train
+    mode only). ``scale`` (default identity) is ScaleFL's Scaler for ``models/exits.py``; one
+    dropout key per layer from ``rng`` (``train=True`` with ``dropout > 0`` needs it)."""
+    nodes, senders, receivers, graph_mask = graph_arrays(graph)
+    if node_mask is None:
+        node_mask = graph_mask
+    h = nodes if isinstance(nodes, SparseFeatures) else jnp.asarray(nodes, jnp.float32)
+    edge_coef, self_coef = gcn_normalization(senders, receivers, h.shape[0], node_mask)
+    use_dropout = train and dropout > 0.0
+    if use_dropout and rng is None:
+        raise ValueError("apply(train=True) with dropout > 0 needs rng")
+    keys = jax.random.split(rng, 2) if use_dropout else None
+    out = []
+    for i in range(depth):
+        p = params[f"conv{i + 1}"]
+        z = _propagate(feature_matmul(h, p["kernel"]), senders, receivers, edge_coef, self_coef) + p["bias"]
+        f = jax.nn.relu(z if scale is None else scale(z))
+        h = _dropout(f, dropout, keys[i]) if use_dropout else f
+        out.append((f, h))
+    return out
+
+
 def make_gcn(
     in_dim: int,
     num_classes: int,
@@ -184,26 +209,8 @@ def make_gcn(
         return params
 
     def apply(params, graph, *, train: bool = False, rng=None, node_mask=None, return_exit1: bool = False):
-        nodes, senders, receivers, graph_mask = graph_arrays(graph)
-        if node_mask is None:
-            node_mask = graph_mask
-        x = nodes if isinstance(nodes, SparseFeatures) else jnp.asarray(nodes, jnp.float32)
-        n = x.shape[0]
-        edge_coef, self_coef = gcn_normalization(senders, receivers, n, node_mask)
-        use_dropout = train and dropout > 0.0
-        if use_dropout:
-            if rng is None:
-                raise ValueError("apply(train=True) with dropout > 0 needs rng")
-            k1, k2 = jax.random.split(rng)
-
-        def conv(h, p):
-            return _propagate(feature_matmul(h, p["kernel"]), senders, receivers, edge_coef, self_coef) + p["bias"]
-
-        h1 = jax.nn.relu(conv(x, params["conv1"]))
-        if use_dropout:
-            h1 = _dropout(h1, dropout, k1)
-        features = jax.nn.relu(conv(h1, params["conv2"]))
-        h2 = _dropout(features, dropout, k2) if use_dropout else features
+        (_, h1), (features, h2) = gcn_layers(params, graph, train=train, rng=rng, dropout=dropout,
+                                             node_mask=node_mask)
         logits = h2 @ params["classifier"]["kernel"] + params["classifier"]["bias"]
         if return_exit1:
             if "exit1" not in params:
