@@ -187,9 +187,8 @@ def model_family(ctx: Context, backbone: str, image_shape) -> Family:
     the engine's own ``c.model`` (CNN, post-act ResNet-18 or GCN) at that width."""
     c, k = ctx.config, ctx.num_classes
     if c.model == "gcn":
-        from framp_jax.models.gcn import make_gcn_width
-        p0 = jax.eval_shape(ctx.model.init, jax.random.key(0))
-        in_dim, hidden = p0["conv1"]["kernel"].shape
+        from framp_jax.models.gcn import gcn_dims, make_gcn_width
+        in_dim, hidden = gcn_dims(ctx.model)
         mk = lambda r: make_gcn_width(in_dim, k, W.width_of(hidden, r), float(c.dropout))
         return Family(functools.lru_cache(None)(mk), W.gcn_spec(), False)
     image_shape = tuple(int(s) for s in image_shape)

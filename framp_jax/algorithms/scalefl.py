@@ -199,7 +199,8 @@ def scalefl(ctx: Context) -> Algorithm:
     def input_shape(data):
         """The image shape, or ``(in_dim,)`` for graph clients (``train_x`` is a graph pytree)."""
         if c.model == "gcn":
-            return (int(jax.eval_shape(ctx.model.init, jax.random.key(0))["conv1"]["kernel"].shape[0]),)
+            from framp_jax.models.gcn import gcn_dims
+            return (gcn_dims(ctx.model)[0],)
         return tuple(int(d) for d in data.train_x.shape[2:])
 
     def models(data):

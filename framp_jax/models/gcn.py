@@ -146,6 +146,12 @@ def _dropout(x, rate: float, key):
     return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
+def gcn_dims(model) -> tuple[int, int]:
+    """(input features, hidden width) of a GCN ``Model``, from its parameter shapes (no compute)."""
+    in_dim, hidden = jax.eval_shape(model.init, jax.random.key(0))["conv1"]["kernel"].shape
+    return int(in_dim), int(hidden)
+
+
 def gcn_layers(params, graph, *, train: bool, rng, dropout: float, node_mask=None,
                scale=None, depth: int = 2):
     """The GCN convolutions ``conv1..conv<depth>`` of ``params`` on ``graph``: per layer
