@@ -93,22 +93,47 @@ def get_batch(key, x_u8, y, count, step, cfg: LocalConfig):
 LossFn = Callable  # loss_fn(params, x, y, rng) -> scalar
 
 
+def last_epoch_steps(count, cfg: LocalConfig):
+    """The local steps of a client's last local epoch: one epoch's worth of steps,
+    ``ceil(count / batch_size)`` (every step for full-batch graph clients is an epoch, so 1),
+    clipped to ``[1, cfg.steps]``. They are the last steps of the run."""
+    if cfg.full_batch:
+        return jnp.ones((), jnp.int32)
+    e = -(-jnp.asarray(count, jnp.int32) // cfg.batch_size)
+    return jnp.clip(e, 1, cfg.steps)
+
+
 def local_train(loss_fn: LossFn, params, mask, x_u8, y, count, key, cfg: LocalConfig,
-                grad_transform=None, lr=None):
+                grad_transform=None, lr=None, proto_classes: int = 0):
     """Run ``cfg.steps`` SGD steps of ``loss_fn`` from ``params`` on one client's data.
 
     ``mask`` (a {0,1} pytree or None) multiplies gradients and updates, so masked-out entries
     stay where they started (zero, for masked submodels). ``grad_transform(params, grads)`` lets
     a method reshape gradients (FIARSE's threshold-aware factor). Returns (params, mean loss).
+
+    ``proto_classes=K > 0`` (FedProto's prototype timing): ``loss_fn`` returns ``(loss,
+    features)`` and a third output ``(sums [K, F], counts [K])`` holds the per-class sums and
+    counts of the training-mode features of the last local epoch (:func:`last_epoch_steps`),
+    each computed in that step's forward pass, i.e. with the parameters before its update.
+    Labels < 0 (graph clients' non-train and padding nodes) are left out.
     """
     opt = make_optimizer(cfg, lr)
     kdata = jax.random.fold_in(key, 0)
     kloss = jax.random.fold_in(key, 1)
+    collect = proto_classes > 0
+    first = cfg.steps - last_epoch_steps(count, cfg) if collect else 0
 
     def step(carry, s):
-        p, opt_state = carry
+        p, opt_state, acc = carry
         xb, yb = get_batch(kdata, x_u8, y, count, s, cfg)
-        loss, g = jax.value_and_grad(loss_fn)(p, xb, yb, jax.random.fold_in(kloss, s))
+        rng = jax.random.fold_in(kloss, s)
+        if collect:
+            (loss, feats), g = jax.value_and_grad(loss_fn, has_aux=True)(p, xb, yb, rng)
+            oh = jax.nn.one_hot(yb, proto_classes, dtype=jnp.float32)  # zero rows for y < 0
+            oh = oh * (s >= first).astype(jnp.float32)
+            acc = (acc[0] + oh.T @ feats.astype(jnp.float32), acc[1] + oh.sum(0))
+        else:
+            loss, g = jax.value_and_grad(loss_fn)(p, xb, yb, rng)
         if grad_transform is not None:
             g = grad_transform(p, g)
         if mask is not None:
@@ -116,9 +141,18 @@ def local_train(loss_fn: LossFn, params, mask, x_u8, y, count, key, cfg: LocalCo
         upd, opt_state = opt.update(g, opt_state, p)
         if mask is not None:
             upd = jax.tree.map(lambda a, m: a * m, upd, mask)
-        return (optax.apply_updates(p, upd), opt_state), loss
+        return (optax.apply_updates(p, upd), opt_state, acc), loss
 
-    (params, _), losses = jax.lax.scan(step, (params, opt.init(params)), jnp.arange(cfg.steps))
+    acc0 = ()
+    if collect:
+        f_dim = jax.eval_shape(lambda: loss_fn(params, *get_batch(kdata, x_u8, y, count, 0, cfg),
+                                               kloss))[1].shape[-1]
+        acc0 = (jnp.zeros((proto_classes, f_dim), jnp.float32),
+                jnp.zeros((proto_classes,), jnp.float32))
+    (params, _, acc), losses = jax.lax.scan(step, (params, opt.init(params), acc0),
+                                            jnp.arange(cfg.steps))
+    if collect:
+        return params, jnp.mean(losses), acc
     return params, jnp.mean(losses)
 
 

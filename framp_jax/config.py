@@ -99,12 +99,19 @@ def framp_defaults() -> mlc.ConfigDict:
     f.align = "fedproto"                # | batch_proto
     f.proto_weighting = "count"         # | uniform (FedProto's code)
     f.proto_samples = 0                 # local prototypes from the first N train samples (0 = all)
+    f.proto_timing = "post_eval"        # | last_epoch_train (FedProto's code: train-mode features
+    #                                     of the last local epoch's steps, before each update)
     f.proto_bank = True                 # keep classes unseen this round
     f.proto_noise_std = 0.0             # privacy: Gaussian noise on uploaded prototypes
     f.proto_rotation = "none"           # | shared (secret common rotation) | per_client
-    f.hn_optimizer = "adam"             # | sgd
+    f.hn_optimizer = "adam"             # | sgd | sgd_momentum (pFedHN's SGD + momentum + wd)
     f.hn_lr = 1e-3
     f.hn_clip = 50.0
+    f.hn_momentum = 0.9                 # sgd_momentum only (pFedHN: 0.9)
+    f.hn_weight_decay = 1e-3            # sgd_momentum only, on every HN parameter (pFedHN: 1e-3)
+    f.embed_lr = 0.0                    # per-client embedding rows' lr (pfedhn); 0 = hn_lr
+    f.embed_dim = -1                    # pfedhn embedding size; -1 = int(1 + num_clients / 4)
+    f.hn_layers = 3                     # pfedhn trunk: hidden Linear(H, H) layers (n_hidden)
     f.reduction = "mean"                # | sum over clients of the HN VJP
     f.eval_mode = "generated"           # | finetuned
     f.finetune_steps = 20               # local steps before evaluation in finetuned mode
@@ -160,6 +167,9 @@ def validate(c: mlc.ConfigDict) -> None:
     _check(c.union_subset >= 0, "union_subset", c.union_subset, ">= 0 (0 = full union set)")
     if c.method == "framp":
         validate_framp(c)
+    if c.method == "fedrolex":
+        from framp_jax.algorithms.fedrolex import validate_options as validate_fedrolex
+        validate_fedrolex(c)
     _check(c.client_map in ("auto", "vmap", "map"), "client_map", c.client_map, "auto, vmap or map")
     _check(c.mesh_clients >= 0, "mesh_clients", c.mesh_clients, ">= 0 (0 = all devices)")
     if ds in GRAPH_DATASETS:
@@ -215,13 +225,29 @@ def validate_framp(c) -> None:
             "scope": ("global", "groupwise"), "mask_grad": ("masked", "fiarse_paper"),
             "align": ("fedproto", "batch_proto"), "proto_weighting": ("count", "uniform"),
             "proto_rotation": ("none", "shared", "per_client"), "reduction": ("mean", "sum"),
-            "eval_mode": ("generated", "finetuned"), "hn_optimizer": ("adam", "sgd")}
+            "eval_mode": ("generated", "finetuned"),
+            "hn_optimizer": ("adam", "sgd", "sgd_momentum"),
+            "proto_timing": ("post_eval", "last_epoch_train")}
     for k, allowed in opts.items():
         _check(f[k] in allowed, f"framp.{k}", f[k], f"one of {allowed}")
     from framp_jax.hypernet import HYPERNETS
     _check(f.hypernet in HYPERNETS, "framp.hypernet", f.hypernet, f"one of {tuple(HYPERNETS)}")
     _check(isinstance(f.proto_samples, int) and f.proto_samples >= 0, "framp.proto_samples",
            f.proto_samples, "an integer >= 0 (0 = every training sample)")
+    _check(f.proto_timing == "post_eval" or f.proto_samples == 0, "framp.proto_samples",
+           f.proto_samples, "0 with proto_timing='last_epoch_train' (the last epoch's batches)")
+    _check(0 <= f.hn_momentum < 1, "framp.hn_momentum", f.hn_momentum, "in [0, 1)")
+    _check(f.hn_weight_decay >= 0, "framp.hn_weight_decay", f.hn_weight_decay, ">= 0")
+    _check(f.embed_lr >= 0, "framp.embed_lr", f.embed_lr, ">= 0 (0 = hn_lr)")
+    _check(f.embed_lr == 0 or f.hypernet == "pfedhn", "framp.embed_lr", f.embed_lr,
+           "0 unless hypernet='pfedhn' (the only HN with per-client embedding rows)")
+    _check(isinstance(f.embed_dim, int) and (f.embed_dim >= 1 or f.embed_dim == -1),
+           "framp.embed_dim", f.embed_dim, "an integer >= 1, or -1 for int(1 + num_clients / 4)")
+    _check(isinstance(f.hn_layers, int) and f.hn_layers >= 0, "framp.hn_layers", f.hn_layers,
+           "an integer >= 0")
+    if f.hypernet == "pfedhn":
+        from framp_jax.hypernet import check_pfedhn_size
+        check_pfedhn_size(c)
     for k in ("hn_hidden", "chunk_dim", "gen_hidden", "func_emb_steps"):
         _check(isinstance(f[k], int) and f[k] >= 1, f"framp.{k}", f[k], "an integer >= 1")
     _check(isinstance(f.chunk_size, int) and f.chunk_size >= 0, "framp.chunk_size", f.chunk_size,

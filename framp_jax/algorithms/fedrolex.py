@@ -19,6 +19,13 @@ Options (``c.fedrolex``):
   ``self.tmp_counts = tmp_counts_cpy`` inside the key loop aliases the running counts, so BN and
   output-layer entries are weighted by growing, carried-over update counts
   (``heterofl.combine_official_counts``).
+* ``weighting``: ``"avg"`` (default, ``--weighting avg``) or ``"width"`` (``--weighting width``
+  of the official ``combine``): each client's contribution to an entry of a hidden kernel (every
+  conv/dense kernel except the output layer; ResNet's conv1/conv2/shortcut) is weighted by its
+  width of that kernel's output dimension, ``ceil(rate · O)`` (the narrow kernel's last axis),
+  and the entry becomes ``Σ_i k_i θ_i / Σ_i k_i`` over the clients holding it. Biases, norm
+  parameters and the output layer are not width-weighted (plain count-average, or the
+  ``official_count_bug`` counts), as in the official code.
 * ``eval_bn``: ``"sbn"`` (default, SPEC §5 #18: HeteroFL's server statistics pass) or
   ``"batch"``: batch statistics of each evaluation batch, which is what the official
   ``main_resnet.py`` ``test`` does (its global model has ``track_running_stats=False``).
@@ -38,7 +45,8 @@ import jax.numpy as jnp
 
 from framp_jax import width as W
 from framp_jax.algorithms.base import Algorithm, Context
-from framp_jax.algorithms.heterofl import heterofl_defaults, method_options, width_method
+from framp_jax.algorithms.heterofl import (WEIGHTINGS, heterofl_defaults, method_options,
+                                           width_method)
 from framp_jax.config import ConfigError
 
 ALGOS = ("roll", "random", "static")
@@ -52,11 +60,13 @@ def fedrolex_defaults():
     f.official_count_bug = False
     f.eval_bn = "sbn"
     f.eval_window = "roll0"
+    f.weighting = "avg"
     return f
 
 
-def fedrolex(ctx: Context) -> Algorithm:
-    c = ctx.config
+def validate_options(c):
+    """FedRolex's options over the defaults, checked (config.validate calls this before any
+    data loads). Returns the options."""
     opts = method_options(c, "fedrolex", fedrolex_defaults())
     if opts.algo not in ALGOS:
         raise ConfigError("fedrolex.algo", opts.algo, f"one of {ALGOS}")
@@ -67,6 +77,14 @@ def fedrolex(ctx: Context) -> Algorithm:
                           f"one of {EVAL_WINDOWS}; 'last' only with algo='roll'")
     if not isinstance(opts.official_count_bug, bool):
         raise ConfigError("fedrolex.official_count_bug", opts.official_count_bug, "True or False")
+    if opts.weighting not in WEIGHTINGS:
+        raise ConfigError("fedrolex.weighting", opts.weighting, f"one of {WEIGHTINGS}")
+    return opts
+
+
+def fedrolex(ctx: Context) -> Algorithm:
+    c = ctx.config
+    opts = validate_options(c)
     per_client = False
     if opts.algo == "roll":
         index_fn = lambda sizes, r, t, cid: W.rolling_indices(sizes, r, t)
@@ -84,4 +102,4 @@ def fedrolex(ctx: Context) -> Algorithm:
                                                                    jnp.maximum(t_done - 1, 0))
     return width_method(ctx, "fedrolex", opts, index_fn, per_client_index=per_client,
                         lr_offset=1, eval_bn=opts.eval_bn, count_bug=opts.official_count_bug,
-                        eval_index_fn=eval_index_fn)
+                        eval_index_fn=eval_index_fn, weighting=opts.weighting)

@@ -6,6 +6,15 @@ budget, or narrower width pytrees) → vmapped local training with CE + lambda·
 global prototypes → the HN gradient as one VJP of the generator with the clients' deltas
 (pFedHN sign: delta = theta_sent - theta_trained) → Adam step; prototypes are re-aggregated into
 the bank. A client whose delta or prototypes hold NaN/Inf is left out of both and counted.
+
+Local prototypes (``framp.proto_timing``): ``"post_eval"`` (SPEC §1.6) = one eval-mode,
+un-augmented pass over the client's training data after local training; ``"last_epoch_train"``
+= FedProto's code (``lib/update.py`` ``update_weights_het``): the class means of the features
+each training step of the last local epoch computed in its forward pass (training mode,
+augmented batches, the parameters before that step's update). A local epoch is
+``ceil(n_i / batch_size)`` steps (a full-batch graph step is an epoch), so these are the last
+``min(local_steps, ceil(n_i / batch_size))`` steps; a sample drawn twice counts twice, and the
+uploaded class count is the number of features averaged (``proto_weighting="count"``).
 """
 from __future__ import annotations
 
@@ -18,7 +27,7 @@ from framp_jax import masks as M
 from framp_jax.algorithms.base import Algorithm, Context, EvalGroup
 from framp_jax.client import class_prototypes, is_finite_tree, local_train
 from framp_jax.descriptors import compute_descriptors, with_budget
-from framp_jax.hypernet import HYPERNETS
+from framp_jax.hypernet import build_hypernet, hn_optimizer
 from framp_jax.losses import ALIGN_FNS, cross_entropy
 
 
@@ -72,10 +81,12 @@ def framp(ctx: Context) -> Algorithm:
     backbone = fc.generate == "backbone"
     generated = {k: jax.tree.map(lambda _: not (backbone and k == "classifier"), v)
                  for k, v in template.items()}
-    hn = HYPERNETS[fc.hypernet](template, generated, hidden=fc.hn_hidden, chunk_size=fc.chunk_size,
-                                chunk_dim=fc.chunk_dim, gen_hidden=fc.gen_hidden)
-    hn_opt = optax.chain(optax.clip_by_global_norm(fc.hn_clip),
-                         optax.adam(fc.hn_lr) if fc.hn_optimizer == "adam" else optax.sgd(fc.hn_lr))
+    hn = build_hypernet(fc, template, generated, ctx.num_clients, ctx.train_ids)
+    hn_opt = hn_optimizer(fc.hn_optimizer, fc.hn_lr, fc.hn_clip,
+                          momentum=fc.get("hn_momentum", 0.9),
+                          weight_decay=fc.get("hn_weight_decay", 1e-3),
+                          embed_lr=fc.get("embed_lr", 0.0))
+    last_epoch = fc.get("proto_timing", "post_eval") == "last_epoch_train"
     groups = M.stage_groups(template) if fc.scope == "groupwise" else None
     align_fn = ALIGN_FNS[fc.align]
     n_prunable = M.num_prunable(template, prunable)
@@ -89,8 +100,13 @@ def framp(ctx: Context) -> Algorithm:
         print("framp width extraction: kept fraction of prunable parameters per budget "
               + ", ".join(f"{b:g}: {f:.4f}" for b, f in wx.fractions.items()))
 
-    def generate(phi, desc, heads=None):
-        theta = jax.vmap(hn.apply, in_axes=(None, 0))(phi, desc)
+    def generate(phi, desc, heads=None, ids=None):
+        """Full models of the clients ``ids`` from their descriptors ``desc`` (the ids matter
+        to HNs with per-client embeddings; None = none needed)."""
+        if ids is None:
+            theta = jax.vmap(hn.apply, in_axes=(None, 0))(phi, desc)
+        else:
+            theta = jax.vmap(hn.apply, in_axes=(None, 0, 0))(phi, desc, jnp.asarray(ids, jnp.int32))
         if backbone:
             theta = dict(theta, classifier=heads)
         return theta
@@ -106,13 +122,13 @@ def framp(ctx: Context) -> Algorithm:
                                           template["classifier"])
         return state
 
-    def make_loss(protos, valid):
+    def make_loss(protos, valid, with_features=False):
         def loss(p, x, y, rng):
             logits, f = model.apply(p, x, train=True, rng=rng)
             out = cross_entropy(logits, y)
             if fc.lam:
                 out = out + fc.lam * align_fn(f, y, protos, valid)
-            return out
+            return (out, f) if with_features else out
         return loss
 
     def local_prototypes(theta, x, y, n):
@@ -123,6 +139,17 @@ def framp(ctx: Context) -> Algorithm:
             x, y, n = x[:fc.proto_samples], y[:fc.proto_samples], jnp.minimum(n, fc.proto_samples)
         return class_prototypes(model.apply, theta, x, y, n, K, cfg)
 
+    def train_with_prototypes(protos, valid, p0, mask, x, y, n, key, gt=None):
+        """Local training from ``p0``, then the client's prototypes at ``framp.proto_timing``:
+        (params, mean loss, prototypes [K, F], counts [K])."""
+        if last_epoch:
+            p, loss, (sums, cnt) = local_train(make_loss(protos, valid, with_features=True), p0,
+                                               mask, x, y, n, key, cfg, gt, proto_classes=K)
+            return p, loss, sums / jnp.maximum(cnt, 1.0)[:, None], cnt
+        p, loss = local_train(make_loss(protos, valid), p0, mask, x, y, n, key, cfg, gt)
+        pro, cnt = local_prototypes(p, x, y, n)
+        return p, loss, pro, cnt
+
     def client_topk(theta_gen, budget, x, y, n, key, protos, valid):
         """One client: mask its generated model at its budget, train, return delta and protos."""
         m = M.topk_mask(theta_gen, prunable, budget, groups)
@@ -130,8 +157,7 @@ def framp(ctx: Context) -> Algorithm:
         gt = None
         if fc.mask_grad == "fiarse_paper":
             gt = fiarse_grad_factor(theta_gen, prunable, M.topk_threshold(theta_gen, prunable, budget))
-        theta, loss = local_train(make_loss(protos, valid), theta0, m, x, y, n, key, cfg, gt)
-        pro, cnt = local_prototypes(theta, x, y, n)
+        theta, loss, pro, cnt = train_with_prototypes(protos, valid, theta0, m, x, y, n, key, gt)
         kept = sum(jnp.sum(mm) for mm, f in zip(jax.tree.leaves(m), jax.tree.leaves(prunable)) if f)
         return jax.tree.map(jnp.subtract, theta0, theta), theta, pro, cnt, loss, kept
 
@@ -161,14 +187,15 @@ def framp(ctx: Context) -> Algorithm:
         protos, valid = align_targets(state)
         if width:
             ids, ok_slot, vjp_fn, delta, cls, pro, cnt, losses, kept, dmask = wx.round(
-                state, data, t, phi, generate, lambda i: heads_of(state, i), make_loss,
-                local_prototypes, protos, valid)
+                state, data, t, phi, generate, lambda i: heads_of(state, i),
+                train_with_prototypes, protos, valid)
         else:
             ids = ctx.sample_clients(t)
             ok_slot = jnp.ones(ids.shape, bool)
             x, y, n = ctx.gather(data, ids)
             keys = ctx.client_keys(t, ids)
-            theta_gen, vjp_fn = jax.vjp(lambda ph: generate(ph, state["desc"][ids], heads_of(state, ids)), phi)
+            theta_gen, vjp_fn = jax.vjp(
+                lambda ph: generate(ph, state["desc"][ids], heads_of(state, ids), ids), phi)
             theta_gen = ctx.shard_clients(theta_gen)
             run = ctx.vmap_clients(client_topk, in_axes=(0, 0, 0, 0, 0, 0, None, None))
             delta, theta, pro, cnt, losses, kept = run(theta_gen, data.budgets[ids], x, y, n, keys,
@@ -212,7 +239,7 @@ def framp(ctx: Context) -> Algorithm:
         return new, metrics
 
     def models_at(state, desc, budgets, ids):
-        theta = generate(state["phi"], desc, heads_of(state, ids))
+        theta = generate(state["phi"], desc, heads_of(state, ids), ids)
         masks = jax.vmap(lambda th, b: M.topk_mask(th, prunable, b, groups))(theta, budgets)
         return M.apply_mask(theta, masks)
 
@@ -248,6 +275,7 @@ def framp(ctx: Context) -> Algorithm:
 
     # internals, for tests and research code that wants to reuse the pieces
     round_fn.parts = dict(hn=hn, generate=generate, client_topk=client_topk, make_loss=make_loss,
-                          prunable=prunable, template=template, models_at=models_at)
+                          prunable=prunable, template=template, models_at=models_at,
+                          train_with_prototypes=train_with_prototypes, hn_opt=hn_opt)
     return Algorithm("framp", init, round_fn, eval_groups,
                      None if width else eval_groups_at_budget)

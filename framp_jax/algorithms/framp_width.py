@@ -20,7 +20,6 @@ import numpy as np
 
 from framp_jax import width as W
 from framp_jax.algorithms.base import EvalGroup
-from framp_jax.client import local_train
 from framp_jax.config import ConfigError
 
 FEATURE_UNITS = {"cnn": ("dense",), "resnet18": ("stage4",)}
@@ -58,15 +57,16 @@ class WidthExtraction:
     def narrow(self, theta, rate):
         return W.gather(theta, self.spec, self.indices(theta, rate))
 
-    def client(self, rate, make_loss, local_prototypes):
-        cfg = self.ctx.local
-
+    def client(self, rate, train_with_prototypes):
+        """One client at width ``rate``: ``train_with_prototypes(protos, valid, p0, mask, x, y, n,
+        key) -> (params, loss, prototypes, counts)`` trains the narrow model and returns its
+        prototypes at the configured timing (framp.py)."""
         def run(theta_gen, x, y, n, key, protos, valid):
             idx = self.indices(theta_gen, rate)
             fidx = idx[self.keep[0]]  # the kept feature channels
             p0 = W.gather(theta_gen, self.spec, idx)
-            p, loss = local_train(make_loss(protos[:, fidx], valid), p0, None, x, y, n, key, cfg)
-            pro, cnt = local_prototypes(p, x, y, n)
+            p, loss, pro, cnt = train_with_prototypes(protos[:, fidx], valid, p0, None, x, y, n,
+                                                      key)
             zeros = jax.tree.map(jnp.zeros_like, theta_gen)
             delta = W.scatter(zeros, jax.tree.map(jnp.subtract, p0, p), self.spec, idx)
             dims = protos.shape[-1]
@@ -76,21 +76,22 @@ class WidthExtraction:
             return delta, cls, pro_full, cnt, loss, dmask
         return run
 
-    def round(self, state, data, t, phi, generate, heads_of, make_loss, local_prototypes,
+    def round(self, state, data, t, phi, generate, heads_of, train_with_prototypes,
               protos, valid):
         """Generate all participants at once (one VJP), then train each level at its shape."""
         ctx = self.ctx
         groups = ctx.sample_clients_by_level(t)
         ids = jnp.concatenate([g[1] for g in groups])
         ok = jnp.concatenate([g[2] for g in groups])
-        theta_gen, vjp_fn = jax.vjp(lambda ph: generate(ph, state["desc"][ids], heads_of(ids)), phi)
+        theta_gen, vjp_fn = jax.vjp(lambda ph: generate(ph, state["desc"][ids], heads_of(ids), ids),
+                                    phi)
         outs, kept, off = [], [], 0
         for budget, lid, _ in groups:
             m = lid.shape[0]
             th = jax.tree.map(lambda a: a[off:off + m], theta_gen)
             x, y, n = ctx.gather(data, lid)
             keys = ctx.client_keys(t, lid)
-            run = ctx.vmap_clients(self.client(self.rates[budget], make_loss, local_prototypes),
+            run = ctx.vmap_clients(self.client(self.rates[budget], train_with_prototypes),
                                    in_axes=(0, 0, 0, 0, 0, None, None))
             outs.append(run(th, x, y, n, keys, protos, valid))
             kept.append(jnp.full((m,), float(self.kept[budget])))
@@ -105,7 +106,8 @@ class WidthExtraction:
             ids = np.flatnonzero(np.isclose(self.ctx.budgets, b))
             if len(ids) == 0:
                 continue
-            th = generate(state["phi"], state["desc"][jnp.asarray(ids)], heads_of(jnp.asarray(ids)))
+            th = generate(state["phi"], state["desc"][jnp.asarray(ids)], heads_of(jnp.asarray(ids)),
+                          jnp.asarray(ids))
             params = jax.vmap(lambda t, r=r: self.narrow(t, r))(th)
             out.append(EvalGroup(self.ctx.model.apply, params, ids, per_client=True))
         return out

@@ -79,12 +79,19 @@ def _key(path):
     return tuple(getattr(p, "key", p) for p in path)
 
 
-def _weight_tree(stacked, weight, label_mask, labelwise: bool):
+WEIGHTINGS = ("avg", "width")
+
+
+def _weight_tree(stacked, weight, label_mask, labelwise: bool, weighting: str = "avg"):
     """Per-entry weights with the stacked params' shapes: w_i, times the label mask along the
-    class axis of output-layer leaves."""
+    class axis of output-layer leaves; with ``weighting="width"`` (FedRolex ``--weighting
+    width``) every hidden kernel (ndim >= 2, not the output layer) is also weighted by the
+    client's output width of that kernel, its last axis = ``ceil(rate · O)``."""
     def leaf(path, a):
         w = weight.astype(jnp.float32).reshape((-1,) + (1,) * (a.ndim - 1))
         ax = CLASS_AXES.get(_key(path))
+        if weighting == "width" and a.ndim >= 3 and ax is None:  # [clients, ..., in, out]
+            w = w * float(a.shape[-1])
         if labelwise and label_mask is not None and ax is not None:
             shape = [a.shape[0]] + [1] * (a.ndim - 1)
             shape[ax + 1] = a.shape[ax + 1]
@@ -105,14 +112,15 @@ def _scatter_sum(zeros, narrow_stacked, spec, idx):
     return W.scatter(zeros, jax.tree.map(lambda a: jnp.sum(a, 0), narrow_stacked), spec, idx)
 
 
-def combine(global_params, spec: W.WidthSpec, parts, labelwise: bool = True):
+def combine(global_params, spec: W.WidthSpec, parts, labelwise: bool = True,
+            weighting: str = "avg"):
     """HeteroFL ``combine``: each entry = Σ w·θ / Σ w over the clients holding it (w = the
-    client's weight, times its label mask for output rows); entries with Σ w = 0 keep the global
-    value."""
+    client's weight, times its label mask for output rows, times its kernel width with
+    ``weighting="width"``); entries with Σ w = 0 keep the global value."""
     zeros = jax.tree.map(jnp.zeros_like, global_params)
     num, den = zeros, zeros
     for part in parts:
-        wt = _weight_tree(part.params, part.weight, part.label_mask, labelwise)
+        wt = _weight_tree(part.params, part.weight, part.label_mask, labelwise, weighting)
         wp = jax.tree.map(lambda w, p: w * p, wt, part.params)
         num = jax.tree.map(jnp.add, num, _scatter_sum(zeros, wp, spec, part.idx))
         den = jax.tree.map(jnp.add, den, _scatter_sum(zeros, wt, spec, part.idx))
@@ -127,7 +135,8 @@ def counted_leaves(params):
         lambda path, a: a.ndim <= 1 or _key(path) in CLASS_AXES, params)
 
 
-def combine_official_counts(global_params, spec, parts, tmp_counts, labelwise: bool = True):
+def combine_official_counts(global_params, spec, parts, tmp_counts, labelwise: bool = True,
+                            weighting: str = "avg"):
     """FedRolex's official ``combine`` with its count aliasing (``official_count_bug=True``).
 
     In ``ResnetServerRoll.combine`` the line ``self.tmp_counts = tmp_counts_cpy`` sits inside the
@@ -136,8 +145,9 @@ def combine_official_counts(global_params, spec, parts, tmp_counts, labelwise: b
     order) that holds an entry gets weight ``T + j``, where ``T`` is the entry's running number
     of past updates (initialised to 1, never reset), and ``T`` grows by the number of holders.
     Clients are processed level by level in slot order (the official order is its random user
-    order). Other entries are plain count-averaged. Returns (params, tmp_counts)."""
-    plain = combine(global_params, spec, parts, labelwise)
+    order). Other entries (hidden kernels) are count-averaged, or width-weighted with
+    ``weighting="width"``. Returns (params, tmp_counts)."""
+    plain = combine(global_params, spec, parts, labelwise, weighting)
     counted = counted_leaves(global_params)
     zeros = jax.tree.map(jnp.zeros_like, global_params)
     covs, vals = [], []
@@ -320,7 +330,7 @@ def _masked_logits(logits, label_counts_row):
 
 def width_method(ctx: Context, name: str, opts, index_fn: Callable, per_client_index: bool = False,
                  lr_offset: int = 0, eval_bn: str = "sbn", count_bug: bool = False,
-                 eval_index_fn: Callable | None = None) -> Algorithm:
+                 eval_index_fn: Callable | None = None, weighting: str = "avg") -> Algorithm:
     """The HeteroFL round/eval skeleton shared by HeteroFL and FedRolex.
 
     ``index_fn(sizes, rate, t, client_id)`` gives the round's index sets ({unit: [k]});
@@ -328,7 +338,7 @@ def width_method(ctx: Context, name: str, opts, index_fn: Callable, per_client_i
     (HeteroFL's submodel; FedRolex's window at roll 0) unless ``eval_index_fn(sizes, rate,
     t_done)`` is given, ``t_done`` being the number of completed rounds (kept in the state as
     ``"t"``). ``eval_bn``: "sbn" (server statistics pass) or "batch" (batch statistics of each
-    eval batch)."""
+    eval batch). ``weighting``: "avg" or "width" (:func:`combine`)."""
     c, cfg = ctx.config, ctx.local
     validate_width_opts(c, name, opts)
     rates = level_rates(c, opts)
@@ -402,10 +412,11 @@ def width_method(ctx: Context, name: str, opts, index_fn: Callable, per_client_i
             finite_all.append(finite)
         if count_bug:
             new_params, tmp = combine_official_counts(params, fam.spec, parts, state["tmp_counts"],
-                                                      opts.labelwise_output)
+                                                      opts.labelwise_output, weighting)
             new_state = {"params": new_params, "tmp_counts": tmp}
         else:
-            new_state = {"params": combine(params, fam.spec, parts, opts.labelwise_output)}
+            new_state = {"params": combine(params, fam.spec, parts, opts.labelwise_output,
+                                           weighting)}
         if eval_index_fn is not None:
             new_state["t"] = state["t"] + 1
         losses, valid = jnp.concatenate(losses_all), jnp.concatenate(valid_all)
