@@ -36,16 +36,18 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from framp_jax.errors import CheckpointError
 from framp_jax.rundir import to_jsonable
 
-__all__ = ["CheckpointManager", "CorruptCheckpointError"]
+__all__ = ["CheckpointManager", "CheckpointError", "CorruptCheckpointError",
+           "CheckpointMismatchError"]
 
 log = logging.getLogger(__name__)
 
 _INTEGRITY_VERSION = 1
 
 
-class CorruptCheckpointError(RuntimeError):
+class CorruptCheckpointError(CheckpointError, RuntimeError):
     """A checkpoint step exists but cannot be read back intact."""
 
     def __init__(self, directory: str, round: int, reason: str):
@@ -53,10 +55,18 @@ class CorruptCheckpointError(RuntimeError):
         self.round = round
         self.reason = reason
         super().__init__(
-            f"Checkpoint for round {round} at {directory} is corrupt or unreadable: {reason}\n"
-            f"Delete that step (rm -r '{directory}') to resume from the previous checkpoint, "
-            "or start the run without --resume."
+            f"Checkpoint for round {round} at {directory} is corrupt or unreadable: {reason}; "
+            f"delete that step (rm -r '{directory}') to resume from the previous checkpoint, "
+            "or start the run without --resume in a new workdir."
         )
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """A checkpoint is intact but belongs to another config (hash, tree structure or shapes)."""
+
+
+class _NoCheckpointError(CheckpointError, FileNotFoundError):
+    """The requested checkpoint does not exist."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,9 +127,19 @@ def _from_restored(restored: Any, like: Any) -> Any:
     return restored
 
 
+def _one_line(err: BaseException) -> str:
+    """``Type: first line of the message`` (at most 300 characters)."""
+    msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if len(msg) > 300:
+        msg = msg[:300] + "..."
+    return f"{type(err).__name__}: {msg}"
+
+
 def _leaf_crc(x: Any) -> dict | None:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return None  # multi-host sharded: not checked
+        if not x.is_fully_replicated:
+            return None  # multi-host sharded: not checked
+        x = x.addressable_data(0)  # replicated over several processes: this process's copy
     a = np.asarray(x)
     flat = np.ascontiguousarray(a).reshape(-1)  # (ascontiguousarray makes 0-d arrays 1-d)
     return {
@@ -204,11 +224,16 @@ class CheckpointManager:
             items["integrity"] = ocp.args.JsonSave(
                 {"version": _INTEGRITY_VERSION, "leaves": leaves}
             )
-        saved = self._mngr.save(round, args=ocp.args.Composite(**items), force=True)
+        try:
+            saved = self._mngr.save(round, args=ocp.args.Composite(**items), force=True)
+            if not self.async_save:
+                self._mngr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - disk full, permissions, I/O errors inside orbax
+            raise CheckpointError(
+                f"could not write the checkpoint for round {round} to {self.step_dir(round)}: "
+                f"{_one_line(e)} (is the disk full or the workdir not writable?)") from e
         if not saved:  # pragma: no cover - orbax policy refused; should not happen with force
             raise RuntimeError(f"orbax did not save the checkpoint for round {round}")
-        if not self.async_save:
-            self._mngr.wait_until_finished()
 
     def wait(self) -> None:
         """Blocks until any in-flight (async) save is finalized on disk."""
@@ -233,22 +258,61 @@ class CheckpointManager:
         rounds = self.all_rounds()
         if round is None:
             if not rounds:
-                raise FileNotFoundError(f"no checkpoint found in {self.directory}")
+                raise _NoCheckpointError(f"no checkpoint found in {self.directory}")
             return rounds[-1]
         round = int(round)
         if round not in rounds:
-            raise FileNotFoundError(
+            raise _NoCheckpointError(
                 f"no checkpoint for round {round} in {self.directory} (available: {rounds})"
             )
         return round
 
     def _corrupt(self, round: int, err: BaseException | str) -> CorruptCheckpointError:
         if isinstance(err, BaseException):
-            msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            if len(msg) > 300:
-                msg = msg[:300] + "..."
-            err = f"{type(err).__name__}: {msg}"
+            err = _one_line(err)
         return CorruptCheckpointError(self.step_dir(round), round, err)
+
+    def restore_latest_intact(
+        self,
+        target: Any = None,
+        *,
+        expected_config_hash: str | None = None,
+        warn=None,
+    ) -> tuple[Any, dict]:
+        """:meth:`restore` of the newest checkpoint that reads back intact.
+
+        A corrupt newest checkpoint (:class:`CorruptCheckpointError`) is skipped for the one
+        before it, and so on; ``warn`` (a ``str -> None`` callable, default ``log.warning``)
+        gets one line naming the skipped rounds and the round used. The skipped steps stay on
+        disk until the resumed run saves a round at or before them (:meth:`save` then replaces
+        them). Raises :class:`CorruptCheckpointError` when no checkpoint is intact, naming them
+        all, and ``FileNotFoundError`` (a :class:`CheckpointError`) when there is none. Config
+        and structure mismatches are not skipped: they raise at once.
+        """
+        self._mngr.wait_until_finished()
+        self._mngr.reload()
+        rounds = self.all_rounds()
+        if not rounds:
+            raise _NoCheckpointError(f"no checkpoint found in {self.directory}")
+        bad: list[CorruptCheckpointError] = []
+        for r in reversed(rounds):
+            try:
+                state, extra = self.restore(r, target, expected_config_hash=expected_config_hash)
+            except CorruptCheckpointError as e:
+                bad.append(e)
+                continue
+            if bad:
+                (warn or log.warning)(
+                    "checkpoint(s) of round "
+                    + ", ".join(f"{e.round} ({e.reason})" for e in bad)
+                    + f" in {self.directory} are corrupt; resuming from round {r}, the newest "
+                    "intact checkpoint (the damaged ones are replaced as the run goes on)")
+            return state, extra
+        err = CorruptCheckpointError(bad[0].directory, bad[0].round, bad[0].reason)
+        err.args = (f"no checkpoint in {self.directory} reads back intact (rounds {rounds}; "
+                    f"round {bad[0].round}: {bad[0].reason}); start the run again without "
+                    "--resume in a new workdir",)
+        raise err
 
     def restore_extra(self, round: int | None = None) -> dict:
         """Only the JSON metadata of a checkpoint (cheap: no arrays are read)."""
@@ -280,8 +344,9 @@ class CheckpointManager:
 
         Raises:
           FileNotFoundError: no checkpoint (for that round).
-          ValueError: ``extra["config_hash"]`` differs from ``expected_config_hash`` (the workdir
-            belongs to a different config), or ``target`` does not match the saved tree.
+          CheckpointMismatchError (a ValueError): ``extra["config_hash"]`` differs from
+            ``expected_config_hash`` (the workdir belongs to a different config), or ``target``
+            does not match the saved tree.
           CorruptCheckpointError: the step directory is damaged (missing/truncated files, bad
             checksums).
         """
@@ -291,7 +356,7 @@ class CheckpointManager:
         stored_hash = extra.get("config_hash")
         if expected_config_hash is not None and stored_hash is not None:
             if str(stored_hash) != str(expected_config_hash):
-                raise ValueError(
+                raise CheckpointMismatchError(
                     f"The checkpoint for round {round} in {self.directory} was written with config "
                     f"hash {stored_hash}, but the current config hashes to {expected_config_hash}: "
                     "the workdir belongs to a different config. Use another --workdir, or restore "
@@ -346,7 +411,7 @@ class CheckpointManager:
         missing = sorted(set(wanted) - set(saved))
         unexpected = sorted(set(saved) - set(wanted))
         if missing or unexpected:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"The checkpoint for round {round} in {self.directory} does not match the state "
                 f"structure of this run (target leaves not in checkpoint: {missing[:5]}; "
                 f"checkpoint leaves not in target: {unexpected[:5]}). The workdir probably belongs "
@@ -359,7 +424,7 @@ class CheckpointManager:
             if saved[p] is not None and saved[p] != wanted[p]
         ]
         if bad:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"The checkpoint for round {round} in {self.directory} has other array shapes "
                 f"than this run's state ({'; '.join(bad[:5])}). The workdir probably belongs to a "
                 "different config; use another --workdir or start without --resume."

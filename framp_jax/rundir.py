@@ -15,6 +15,7 @@ Contents of a workdir (see DESIGN.md, "Contracts: Run directory"):
 from __future__ import annotations
 
 import csv
+import errno
 import glob
 import io
 import json
@@ -39,6 +40,8 @@ __all__ = [
     "to_jsonable",
     "plot_budget_accuracy",
     "BUDGET_KEYS",
+    "WorkdirLock",
+    "config_diff",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -363,11 +366,27 @@ def read_metrics_csv(path: str | os.PathLike) -> list[dict]:
                 for row in reader]
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not atomic, but brief)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write_text(path: str, text: str) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
     try:
+        # mkstemp creates 0600; give the file the mode open() would (0666 less the umask)
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "w", newline="") as f:
             f.write(text)
             f.flush()
@@ -573,3 +592,123 @@ def plot_budget_accuracy(
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
     fig.savefig(out_png, format="png")
     return out_png
+
+
+# ---------------------------------------------------------------------------------------------
+# Workdir lock
+# ---------------------------------------------------------------------------------------------
+
+LOCK_NAME = ".framp-jax.lock"
+
+
+class WorkdirLock:
+    """An exclusive lock on a workdir for the lifetime of one run.
+
+    ``fcntl.flock`` on ``<workdir>/.framp-jax.lock``, held through an open file descriptor: the
+    OS releases it when the process ends in any way (``kill -9`` included), so a dead run never
+    leaves the workdir locked. The file holds the owner's pid, host and start time (JSON) so a
+    refused run can name it. The file itself is left in place (removing it would let two
+    processes lock two different files of the same name).
+
+    ``WorkdirLock(workdir).acquire()`` creates the workdir if needed and raises
+    :class:`~framp_jax.errors.WorkdirLockedError` when another process holds the lock, or
+    :class:`~framp_jax.errors.WorkdirError` when the workdir cannot be created or written.
+    Usable as a context manager.
+    """
+
+    def __init__(self, workdir: str | os.PathLike):
+        self.workdir = os.path.abspath(os.fspath(workdir))
+        self.path = os.path.join(self.workdir, LOCK_NAME)
+        self._fd: int | None = None
+
+    def acquire(self) -> "WorkdirLock":
+        import fcntl
+
+        from framp_jax.errors import WorkdirError, WorkdirLockedError
+
+        try:
+            os.makedirs(self.workdir, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise WorkdirError(f"cannot use workdir {self.workdir}: {e.strerror or e} "
+                               f"({getattr(e, 'filename', None) or self.workdir}); choose "
+                               "another --workdir or fix its permissions") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _read_lock_owner(fd)
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise WorkdirLockedError(
+                    f"workdir {self.workdir} is in use by another framp-jax run ({holder}); "
+                    "wait for it to finish, or use another --workdir") from None
+            raise WorkdirError(f"cannot lock workdir {self.workdir} ({self.path}): "
+                               f"{e.strerror or e}") from e
+        try:
+            owner = {"pid": os.getpid(), "host": socket.gethostname() or "localhost",
+                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)
+        except OSError as e:
+            os.close(fd)
+            raise WorkdirError(f"cannot write to workdir {self.workdir}: {e.strerror or e}; "
+                               "choose another --workdir, or free space on its disk") from e
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Unlocks (idempotent). The lock file stays, with its last owner's record."""
+        if self._fd is not None:
+            import fcntl
+
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> "WorkdirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_lock_owner(fd: int) -> str:
+    try:
+        rec = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        return (f"pid {rec['pid']} on host {rec['host']}, started {rec.get('started', '?')}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "pid and host not yet recorded"
+
+
+# ---------------------------------------------------------------------------------------------
+# Config comparison (resume)
+# ---------------------------------------------------------------------------------------------
+
+
+def _flatten(d: Any, prefix: str = "") -> dict:
+    if isinstance(d, Mapping):
+        out = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_diff(old: Mapping, new: Mapping) -> list[str]:
+    """``["lr: 0.3 -> 0.2", "framp.lam: 1.0 -> 0", ...]`` for every (nested) field whose value
+    differs between two JSON config dicts; a field only in one side shows ``(unset)``. Lists and
+    tuples compare equal when their items do."""
+    a, b = _flatten(to_jsonable(old)), _flatten(to_jsonable(new))
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k, "(unset)"), b.get(k, "(unset)")
+        if va != vb:
+            fmt = lambda v: v if v == "(unset)" else json.dumps(v)
+            out.append(f"{k}: {fmt(va)} -> {fmt(vb)}")
+    return out

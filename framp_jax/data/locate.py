@@ -22,9 +22,14 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from framp_jax.errors import DataError
+
 __all__ = [
+    "DataError",
     "DatasetNotFoundError",
     "CorruptDatasetError",
+    "InvalidDatasetError",
+    "check_data_env",
     "cache_dir",
     "candidate_dirs",
     "candidate_paths",
@@ -34,21 +39,36 @@ __all__ = [
 ]
 
 _HOW_TO_FIX = (
-    "To fix this, do one of:\n"
-    "  - pass the directory holding the data: --config.data_dir=DIR "
-    "(or data_dir=DIR in Python);\n"
-    "  - set the environment variable FRAMP_DATA_DIR=DIR;\n"
-    "  - install the download extra (pip install 'framp_jax[tfds]') so the dataset can be "
-    "fetched with tensorflow-datasets (CIFAR only; needs network access and TensorFlow)."
+    "to fix this, pass the directory holding the data with --config.data_dir=DIR "
+    "(data_dir=DIR in Python), or set the environment variable FRAMP_DATA_DIR=DIR, or install "
+    "the download extra (pip install 'framp_jax[tfds]') so the dataset can be fetched with "
+    "tensorflow-datasets (CIFAR only; needs network access and TensorFlow)"
 )
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(DataError, FileNotFoundError):
     """No copy of a dataset was found in any of the places looked at."""
 
 
-class CorruptDatasetError(RuntimeError):
+class CorruptDatasetError(DataError, RuntimeError):
     """A dataset file exists but its content is not what it should be."""
+
+
+class InvalidDatasetError(DataError, ValueError):
+    """A dataset (e.g. a user's ``.npz``) is readable but not usable as it is."""
+
+
+def check_data_env() -> None:
+    """Raises :class:`DataError` when ``$FRAMP_DATA_DIR`` names a directory that does not exist:
+    an explicitly set data location must not be skipped silently for another copy."""
+    env = os.environ.get("FRAMP_DATA_DIR")
+    if not env:
+        return
+    for p in env.split(os.pathsep):
+        if p and not Path(p).expanduser().is_dir():
+            raise DataError(f"FRAMP_DATA_DIR={env} names {p}, which is not an existing "
+                            "directory; point it at the directory holding the data, or unset it "
+                            "to use the default search path")
 
 
 def cache_dir() -> Path:
@@ -114,12 +134,13 @@ def candidate_paths(dataset: str, filenames: Sequence[str] | str,
 
 
 def not_found_message(dataset: str, looked_at: Sequence[Path], extra: str = "") -> str:
-    lines = [f"Dataset {dataset!r} was not found. Looked at:"]
-    lines += [f"  - {p}" for p in looked_at]
+    """One line: the dataset, every path looked at, ``extra`` and how to fix it."""
+    parts = [f"dataset {dataset!r} was not found; looked at: "
+             + ", ".join(str(p) for p in looked_at)]
     if extra:
-        lines.append(extra)
-    lines.append(_HOW_TO_FIX)
-    return "\n".join(lines)
+        parts.append(extra.rstrip("."))
+    parts.append(_HOW_TO_FIX)
+    return "; ".join(parts)
 
 
 def find_file(dataset: str, filenames: Sequence[str] | str,

@@ -21,6 +21,8 @@ import io
 import os
 import tempfile
 import warnings
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,11 +31,15 @@ import numpy as np
 from framp_jax.data.locate import (
     CorruptDatasetError,
     DatasetNotFoundError,
+    InvalidDatasetError,
     cache_dir,
     candidate_paths,
+    check_data_env,
     not_found_message,
     sha256_file,
 )
+
+from framp_jax.rundir import current_umask
 
 __all__ = [
     "VisionDataset",
@@ -127,6 +133,7 @@ def load_vision_dataset(name: str, data_dir: str | os.PathLike | None = None) ->
     """Load ``cifar10``, ``cifar100`` or ``npz:PATH`` as uint8 NHWC images + int32 labels."""
     if not isinstance(name, str):
         raise TypeError(f"dataset name must be a string, got {type(name).__name__}")
+    check_data_env()
     if name.startswith("npz:"):
         return _load_user_npz(name[len("npz:"):], data_dir)
     key = name.lower()
@@ -187,15 +194,41 @@ def _finish(arrays: dict, num_classes: int, info: dict) -> VisionDataset:
         num_classes=int(num_classes), info=info)
 
 
+# what a damaged zip member or archive raises while numpy reads it
+_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError)
+
+
+def _recopy_hint(path: Path) -> str:
+    meta = KNOWN_FILES.get(path.name)
+    where = f" (see shared/data/{meta['dataset']}/README.md)" if meta else ""
+    return f"re-copy the file{where}, or delete it so another copy is used"
+
+
+def _open_known_npz(path: Path):
+    """``np.load`` of one of the KNOWN_FILES; CorruptDatasetError naming the file otherwise."""
+    if not zipfile.is_zipfile(path):
+        raise CorruptDatasetError(f"{path} is corrupt: it is not a readable npz (zip) archive "
+                                  f"(truncated or overwritten?); {_recopy_hint(path)}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except _READ_ERRORS as e:
+        raise CorruptDatasetError(f"{path} is corrupt: numpy cannot open it as an npz archive "
+                                  f"({type(e).__name__}: {e}); {_recopy_hint(path)}") from e
+
+
 def _npz_get(d, key: str, path: Path) -> np.ndarray:
     if key not in d.files:
         raise CorruptDatasetError(f"{path} has no array {key!r} (it has {sorted(d.files)}); "
-                                  f"re-copy the file.")
-    return d[key]
+                                  f"{_recopy_hint(path)}")
+    try:
+        return d[key]
+    except _READ_ERRORS as e:
+        raise CorruptDatasetError(f"{path} is corrupt: array {key!r} cannot be read "
+                                  f"({type(e).__name__}: {e}); {_recopy_hint(path)}") from e
 
 
 def _read_decoded_npz(path: Path, spec: dict) -> dict:
-    with np.load(path, allow_pickle=False) as d:
+    with _open_known_npz(path) as d:
         return {k: _npz_get(d, k, path) for k in _CACHE_KEYS}
 
 
@@ -232,7 +265,7 @@ def _decode_split(buf: np.ndarray, offsets: np.ndarray, shape: tuple, path: Path
 
 def _decode_encoded_npz(path: Path, meta: dict, spec: dict, info: dict) -> dict:
     enc, lab = meta["encoding"], meta["labels"]
-    with np.load(path, allow_pickle=False) as d:
+    with _open_known_npz(path) as d:
         arrays = {}
         for split in ("train", "test"):
             buf = _npz_get(d, f"{enc}_{split}", path)
@@ -240,7 +273,7 @@ def _decode_encoded_npz(path: Path, meta: dict, spec: dict, info: dict) -> dict:
             arrays[f"x_{split}"] = _decode_split(buf, off, spec["shape"], path, split)
             arrays[f"y_{split}"] = _npz_get(d, f"{lab}_{split}", path)
         if "test_exact" in d.files:
-            _set_exact_from_mask(d["test_exact"], info)
+            _set_exact_from_mask(_npz_get(d, "test_exact", path), info)
     return arrays
 
 
@@ -252,9 +285,9 @@ def _set_exact_from_mask(mask: np.ndarray, info: dict) -> None:
 
 
 def _webp_exact_note(path: Path, info: dict) -> None:
-    with np.load(path, allow_pickle=False) as d:
+    with _open_known_npz(path) as d:
         if "test_exact" in d.files:
-            _set_exact_from_mask(d["test_exact"], info)
+            _set_exact_from_mask(_npz_get(d, "test_exact", path), info)
 
 
 def _check_arrays(arrays: dict, spec: dict, path: Path) -> None:
@@ -319,6 +352,7 @@ def _write_cache(cache_path: Path, arrays: dict) -> None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=cache_path.name + ".", suffix=".tmp",
                                    dir=cache_path.parent)
+        os.fchmod(fd, 0o666 & ~current_umask())  # as open() would, not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **{k: arrays[k] for k in _CACHE_KEYS})
         os.replace(tmp, cache_path)
@@ -340,7 +374,7 @@ def _write_cache(cache_path: Path, arrays: dict) -> None:
 
 def _load_user_npz(path_str: str, data_dir) -> VisionDataset:
     if not path_str:
-        raise ValueError("dataset 'npz:PATH' needs a path after 'npz:'")
+        raise InvalidDatasetError("dataset 'npz:PATH' needs a path after 'npz:'")
     p = Path(path_str).expanduser()
     looked = [p]
     if not p.is_file() and not p.is_absolute():
@@ -350,57 +384,108 @@ def _load_user_npz(path_str: str, data_dir) -> VisionDataset:
     found = next((q for q in looked if q.is_file()), None)
     if found is None:
         raise DatasetNotFoundError(not_found_message(f"npz:{path_str}", looked))
+    how = ("save it with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)")
+    if not zipfile.is_zipfile(found):
+        with open(found, "rb") as f:
+            head = f.read(6)
+        what = ("a single .npy array" if head == b"\x93NUMPY" else
+                "empty" if not head else "truncated or of another format")
+        raise InvalidDatasetError(f"{found} is not an npz archive (a zip of .npy arrays as "
+                                  f"np.savez writes; this file is {what}); {how}")
     try:
         d = np.load(found, allow_pickle=False)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{found}: cannot be read as an .npz without pickles ({e}); save it "
-                         f"with np.savez(path, x_train=..., y_train=..., x_test=..., "
-                         f"y_test=...)") from e
+    except _READ_ERRORS as e:
+        raise InvalidDatasetError(f"{found} is a damaged npz archive ({type(e).__name__}: "
+                                  f"{e}); {how}") from e
     with d:
         missing = [k for k in _CACHE_KEYS if k not in d.files]
         if missing:
-            raise ValueError(f"{found}: missing array(s) {missing}; an image npz needs "
-                             f"{list(_CACHE_KEYS)} (it has {sorted(d.files)})")
-        try:
-            arrays = {k: d[k] for k in _CACHE_KEYS}
-        except ValueError as e:
-            raise ValueError(f"{found}: an array needs pickles to load ({e}); store plain "
-                             f"numeric arrays") from e
+            raise InvalidDatasetError(f"{found}: missing array(s) {missing}; an image npz needs "
+                                      f"{list(_CACHE_KEYS)} (it has {sorted(d.files)})")
+        arrays = {}
+        for k in _CACHE_KEYS:
+            try:
+                arrays[k] = d[k]
+            except ValueError as e:
+                if "pickle" not in str(e):
+                    raise InvalidDatasetError(f"{found}: array {k!r} cannot be read ({e}); "
+                                              f"{how}") from e
+                raise InvalidDatasetError(f"{found}: array {k!r} needs pickles to load (an "
+                                          f"object array?); store plain numeric arrays") from e
+            except _READ_ERRORS as e:
+                raise InvalidDatasetError(f"{found} is a damaged npz archive: array {k!r} "
+                                          f"cannot be read ({type(e).__name__}: {e}); "
+                                          f"{how}") from e
 
     for split in ("train", "test"):
         kx, ky = f"x_{split}", f"y_{split}"
         x, y = arrays[kx], arrays[ky]
         if x.dtype != np.uint8:
-            raise ValueError(f"{found}: {kx} has dtype {x.dtype}; expected uint8 pixels in "
-                             f"[0, 255] (e.g. (x * 255).round().astype(np.uint8))")
+            raise InvalidDatasetError(f"{found}: {kx} has dtype {x.dtype}; expected uint8 pixels "
+                                      f"in [0, 255] (e.g. (x * 255).round().astype(np.uint8))")
         if x.ndim == 3:
             x = x[..., None]
         if x.ndim != 4:
-            raise ValueError(f"{found}: {kx} has shape {x.shape}; expected NHWC (rank 4) or "
-                             f"NHW (rank 3)")
+            raise InvalidDatasetError(f"{found}: {kx} has shape {x.shape}; expected NHWC (rank "
+                                      f"4) or NHW (rank 3)")
         if not np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
-            raise ValueError(f"{found}: {ky} has dtype {y.dtype}; expected integer class labels")
+            raise InvalidDatasetError(f"{found}: {ky} has dtype {y.dtype}; expected integer "
+                                      f"class labels")
         if y.ndim != 1:
-            raise ValueError(f"{found}: {ky} has shape {y.shape}; expected a 1-D label vector")
+            raise InvalidDatasetError(f"{found}: {ky} has shape {y.shape}; expected a 1-D label "
+                                      f"vector")
         if len(y) != len(x):
-            raise ValueError(f"{found}: {ky} has {len(y)} labels but {kx} has {len(x)} images")
-        if y.size and y.min() < 0:
-            raise ValueError(f"{found}: {ky} has negative labels (min {int(y.min())}); labels "
-                             f"must be 0..num_classes-1")
-        if y.size and y.max() > np.iinfo(np.int32).max:
-            raise ValueError(f"{found}: {ky} has labels too large for int32")
+            raise InvalidDatasetError(f"{found}: {ky} has {len(y)} labels but {kx} has {len(x)} "
+                                      f"images")
+        if len(y) == 0:
+            raise InvalidDatasetError(f"{found}: the {split} set is empty ({kx} and {ky} have 0 "
+                                      f"samples); every client needs {split} samples")
+        if y.min() < 0:
+            raise InvalidDatasetError(f"{found}: {ky} has negative labels (min {int(y.min())}); "
+                                      f"labels must be 0..num_classes-1")
+        if y.max() > np.iinfo(np.int32).max:
+            raise InvalidDatasetError(f"{found}: {ky} has labels too large for int32")
         arrays[kx], arrays[ky] = x, y
     if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
-        raise ValueError(f"{found}: x_train images are {arrays['x_train'].shape[1:]} but x_test "
-                         f"images are {arrays['x_test'].shape[1:]}; they must agree")
-    if len(arrays["y_train"]) == 0:
-        raise ValueError(f"{found}: x_train/y_train are empty")
-    num_classes = int(max(arrays["y_train"].max(),
-                          arrays["y_test"].max() if arrays["y_test"].size else -1)) + 1
+        raise InvalidDatasetError(f"{found}: x_train images are {arrays['x_train'].shape[1:]} "
+                                  f"but x_test images are {arrays['x_test'].shape[1:]}; they "
+                                  f"must agree")
+    num_classes = _check_user_labels(found, arrays["y_train"], arrays["y_test"])
     info = dict(name=f"npz:{path_str}", file=str(found), sha256=sha256_file(found),
                 source="npz", exact=True, note="user-provided npz", description=found.name,
                 cache=None, cache_hit=False)
     return _finish(arrays, num_classes, info)
+
+
+def _ranges(values) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2, 5, 7-8"`` (at most 8 runs shown)."""
+    v = sorted(int(x) for x in values)
+    runs, start = [], v[0]
+    for a, b in zip(v, v[1:] + [None]):
+        if b != a + 1:
+            runs.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return ", ".join(runs[:8]) + (", ..." if len(runs) > 8 else "")
+
+
+def _check_user_labels(found: Path, y_train: np.ndarray, y_test: np.ndarray) -> int:
+    """K = 1 + the largest train label; every class 0..K-1 must occur in y_train and y_test may
+    use only those classes (a stray label such as 255 would otherwise add hundreds of empty
+    classes)."""
+    k = int(y_train.max()) + 1
+    present = np.unique(y_train)
+    if len(present) != k:
+        missing = np.setdiff1d(np.arange(k), present)
+        raise InvalidDatasetError(
+            f"{found}: y_train labels must be 0..K-1 with every class present (K = 1 + the "
+            f"largest label = {k}), but {len(missing)} of them never occur ({_ranges(missing)}); "
+            f"relabel the classes to 0..{len(present) - 1}")
+    extra = np.setdiff1d(np.unique(y_test), present)
+    if len(extra):
+        raise InvalidDatasetError(
+            f"{found}: y_test has labels that y_train never uses ({_ranges(extra)}); labels "
+            f"must be in [0, {k}) as in y_train")
+    return k
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,6 +3,9 @@
 conv3x3(c1) → ReLU → pool → conv3x3(c2) → ReLU → pool → conv3x3(c3) → ReLU → pool →
 flatten → dense(hidden) → ReLU [features] → dense(K). ``width`` scales every hidden width
 (``ceil(width·C)``), which the width-based baselines use for their narrower submodels.
+Any image size from 8x8 up and any channel count: the 3x3 convs keep H and W, each pool floors
+them as PyTorch's ``MaxPool2d(2)`` (28 -> 14 -> 7 -> 3), and the dense layer's input size is
+derived from the result (:func:`pooled_size`).
 """
 from __future__ import annotations
 
@@ -12,7 +15,25 @@ import jax
 import jax.numpy as jnp
 
 from framp_jax.models.base import Model
-from framp_jax.models.layers import conv2d, max_pool2, resolve_conv_impl, uniform_fan_in
+from framp_jax.models.layers import (conv2d, max_pool2, pool_out_size, resolve_conv_impl,
+                                     uniform_fan_in)
+
+
+def pooled_size(image_shape, num_pools: int = 3) -> tuple[int, int]:
+    """(H, W) after ``num_pools`` conv (size-preserving) + 2x2 max-pool blocks, each pool
+    flooring as PyTorch's ``MaxPool2d(2)``: 32 -> 4, 28 -> 3, 15 -> 1. Raises ValueError for
+    shapes that are not (H, W, C) or too small to keep a pixel."""
+    if len(tuple(image_shape)) != 3 or min(image_shape) < 1:
+        raise ValueError(f"image_shape={tuple(image_shape)}: expected (H, W, C) with positive "
+                         "sizes")
+    h, w = int(image_shape[0]), int(image_shape[1])
+    for _ in range(num_pools):
+        h, w = pool_out_size(h), pool_out_size(w)
+    if h < 1 or w < 1:
+        raise ValueError(f"image_shape={tuple(image_shape)}: the small CNN halves H and W "
+                         f"{num_pools} times (2x2 max-pools), so it needs H and W >= "
+                         f"{2 ** num_pools}")
+    return h, w
 
 
 def cnn_widths(channels=(16, 32, 64), hidden=128, width=1.0):
@@ -23,10 +44,8 @@ def make_cnn(num_classes: int, image_shape=(32, 32, 3), channels=(16, 32, 64), h
              width: float = 1.0, conv_impl: str = "auto") -> Model:
     impl = resolve_conv_impl(conv_impl)
     chans, hid = cnn_widths(channels, hidden, width)
-    h, w, cin = image_shape
-    if h % 8 or w % 8:
-        raise ValueError(f"image_shape={image_shape}: the small CNN needs H and W divisible by 8")
-    flat = (h // 8) * (w // 8) * chans[-1]
+    (fh, fw), cin = pooled_size(image_shape, len(chans)), image_shape[-1]
+    flat = fh * fw * chans[-1]
 
     def init(key):
         ks = jax.random.split(key, 5)

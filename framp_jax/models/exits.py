@@ -22,8 +22,8 @@ train-only switch, unlike HeteroFL); in the ResNet it sits between conv and BN a
 1..h, so a level's params are a genuinely smaller pytree.
 
 Every leaf of a (width, exits) model is the *prefix* ``[:s0, :s1, ...]`` of the same leaf of the
-full model (first channels; the CNN's dense kernel is stored as ``[H/8, W/8, C3, hidden]`` so
-that its flattened input stays a prefix too): ``extract`` gathers a level's params from the
+full model (first channels; the CNN's dense kernel is stored as ``[H', W', C3, hidden]``, with
+H', W' the size after three flooring 2x2 pools, so that its flattened input stays a prefix too): ``extract`` gathers a level's params from the
 global model and ``embed_sum`` scatters them back for aggregation.
 
 ``apply(params, x, train, rng) -> (logits, features)`` follows the Model contract with the
@@ -163,11 +163,11 @@ def make_resnet18_exits(num_classes: int, image_shape=(32, 32, 3), width: float 
 
 def make_cnn_exits(num_classes: int, image_shape=(32, 32, 3), channels=(16, 32, 64), hidden=128,
                    width: float = 1.0, exits: int = 3, conv_impl: str = "auto") -> ExitModel:
+    from framp_jax.models.cnn import pooled_size
+
     _check(width, exits, 3)
     impl = resolve_conv_impl(conv_impl)
-    hh, ww, cin = image_shape
-    if hh % 8 or ww % 8:
-        raise ValueError(f"image_shape={image_shape}: the small CNN needs H and W divisible by 8")
+    (fh, fw), cin = pooled_size(image_shape, 3), image_shape[-1]
     chans = [scaled(c, width) for c in channels]
     hid = scaled(hidden, width)
     n_conv = exits  # exit j (j < 3) after conv block j; exit 3 = conv3 block + dense + classifier
@@ -184,8 +184,8 @@ def make_cnn_exits(num_classes: int, image_shape=(32, 32, 3), channels=(16, 32, 
                 params[f"exit{i + 1}"] = _linear(k(i, 1), c, num_classes)
             c_prev = c
         if exits == 3:
-            flat = (hh // 8) * (ww // 8) * chans[2]
-            params["dense"] = {"kernel": uniform_fan_in(k(3, 0), (hh // 8, ww // 8, chans[2], hid), flat),
+            flat = fh * fw * chans[2]
+            params["dense"] = {"kernel": uniform_fan_in(k(3, 0), (fh, fw, chans[2], hid), flat),
                                "bias": jnp.zeros((hid,), jnp.float32)}
             params["classifier"] = _linear(k(4, 0), hid, num_classes)
         return params

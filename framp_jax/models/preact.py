@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from framp_jax.models.cnn import cnn_widths
+from framp_jax.models.cnn import cnn_widths, pooled_size
 from framp_jax.models.layers import conv2d, max_pool2, resolve_conv_impl, uniform_fan_in
 from framp_jax.width import WidthSpec, preact_cnn_spec, preact_resnet18_spec
 
@@ -88,6 +88,7 @@ class _Norm:
 
     def __call__(self, path, x, p):
         axes = tuple(range(x.ndim - 1))
+        dtype, x = x.dtype, x.astype(jnp.float32)  # statistics in float32 (bfloat16 compute)
         if self.mode == "eval" and self.stats is not None:
             s = self.stats
             for k in path:
@@ -99,7 +100,7 @@ class _Norm:
             if self.mode == "collect":
                 n = math.prod(x.shape[:-1])
                 _set_path(self.record, path, {"mean": mean, "var": var * (n / max(n - 1, 1))})
-        return (x - mean) * lax.rsqrt(var + EPS) * p["scale"] + p["offset"]
+        return ((x - mean) * lax.rsqrt(var + EPS) * p["scale"] + p["offset"]).astype(dtype)
 
 
 def _make(name, init, forward, prunable, feature_dim, num_classes, spec, rate):
@@ -178,10 +179,8 @@ def make_preact_cnn(num_classes: int, image_shape=(32, 32, 3), channels=(16, 32,
     ``ceil(width·C)`` as ``cnn_widths``)."""
     impl = resolve_conv_impl(conv_impl)
     chans, hid = cnn_widths(channels, hidden, width)
-    h, w, cin = image_shape
-    if h % 8 or w % 8:
-        raise ValueError(f"image_shape={image_shape}: the small CNN needs H and W divisible by 8")
-    flat = (h // 8) * (w // 8) * chans[-1]
+    (fh, fw), cin = pooled_size(image_shape, len(chans)), image_shape[-1]
+    flat = fh * fw * chans[-1]
     rate = float(width if rate is None else rate)
 
     def init(key):
