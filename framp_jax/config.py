@@ -5,6 +5,8 @@ import os
 
 import ml_collections as mlc
 
+from framp_jax.errors import FrampError
+
 METHODS = ("fedavg", "local", "framp", "heterofl", "fedrolex", "fiarse", "scalefl")
 VISION_DATASETS = ("cifar10", "cifar100")
 GRAPH_DATASETS = ("cora", "citeseer", "amazon_photo", "amazon_computers", "coauthor_cs",
@@ -14,7 +16,7 @@ PARTITIONS = ("balanced_dirichlet", "dirichlet", "shards", "iid")
 TEST_PRIORS = ("matched", "fiarse_independent")
 
 
-class ConfigError(ValueError):
+class ConfigError(FrampError, ValueError):
     """A config field holds a value that is not allowed."""
 
     def __init__(self, field, value, allowed):
@@ -68,6 +70,8 @@ def base_config() -> mlc.ConfigDict:
     c.keep_checkpoints = 2
     c.client_map = "auto"          # auto | vmap | map (lax.map: faster on CPU; see Context)
     c.mesh_clients = 1             # devices on the 'clients' mesh axis (0 = all devices)
+    c.max_loss_ratio = 1e4         # stop when a round's mean train loss exceeds this multiple of
+    #                                ln(num_classes), a chance-level prediction's loss (0 = never)
     # graph datasets (framp_jax.graph_engine; SPEC §2.1, §2.3, §2.4)
     c.gcn_hidden = 128             # GCN hidden width (= prototype dimension)
     c.dropout = 0.5                # GCN dropout
@@ -142,6 +146,12 @@ def validate(c: mlc.ConfigDict) -> None:
               "eval_every", "eval_last", "eval_batch", "checkpoint_every", "keep_checkpoints"):
         v = c[f]
         _check(isinstance(v, int) and v >= 1, f, v, "an integer >= 1")
+    _check(isinstance(c.seed, int) and 0 <= c.seed < 2**32, "seed", c.seed,
+           "an integer in [0, 2**32) (jax.random.key would wrap larger seeds onto small ones)")
+    _check(isinstance(c.eval_model_chunk, int) and c.eval_model_chunk >= 0, "eval_model_chunk",
+           c.eval_model_chunk, "an integer >= 0 (0 = evaluate every model at once)")
+    _check(c.max_loss_ratio >= 0, "max_loss_ratio", c.max_loss_ratio,
+           ">= 0 (0 disables the loss-explosion stop)")
     _check(c.lr > 0, "lr", c.lr, "a learning rate > 0")
     _check(0 <= c.momentum < 1, "momentum", c.momentum, "in [0, 1)")
     _check(c.weight_decay >= 0, "weight_decay", c.weight_decay, ">= 0")
@@ -151,15 +161,7 @@ def validate(c: mlc.ConfigDict) -> None:
     _check(c.test_prior in TEST_PRIORS, "test_prior", c.test_prior, f"one of {TEST_PRIORS}")
     _check(isinstance(c.classes_per_client, int) and c.classes_per_client >= 1,
            "classes_per_client", c.classes_per_client, "an integer >= 1")
-    levels = tuple(c.budget_levels)
-    _check(len(levels) >= 1, "budget_levels", levels, "at least one budget")
-    for b in levels:
-        _check(isinstance(b, (int, float)) and 0 < b <= 1, "budget_levels", levels,
-               "every budget in (0, 1] (the kept fraction of prunable parameters)")
-    dist = tuple(c.budget_dist)
-    _check(len(dist) == len(levels) and all(d >= 0 for d in dist) and sum(dist) > 0,
-           "budget_dist", dist, f"{len(levels)} non-negative shares, one per budget level")
-    _check(0 <= c.heldout_frac < 1, "heldout_frac", c.heldout_frac, "in [0, 1)")
+    validate_budgets(c)
     n_train = c.num_clients - num_heldout(c)
     _check(c.clients_per_round <= n_train, "clients_per_round", c.clients_per_round,
            f"at most the {n_train} trainable clients (num_clients={c.num_clients}, "
@@ -171,9 +173,68 @@ def validate(c: mlc.ConfigDict) -> None:
         from framp_jax.algorithms.fedrolex import validate_options as validate_fedrolex
         validate_fedrolex(c)
     _check(c.client_map in ("auto", "vmap", "map"), "client_map", c.client_map, "auto, vmap or map")
-    _check(c.mesh_clients >= 0, "mesh_clients", c.mesh_clients, ">= 0 (0 = all devices)")
+    _check(isinstance(c.mesh_clients, int) and c.mesh_clients >= 0, "mesh_clients",
+           c.mesh_clients, "an integer >= 0 (0 = all devices)")
+    if c.mesh_clients != 1:  # the device count is cheap to ask; no data is loaded yet
+        import jax
+        n_dev = jax.device_count()
+        n_mesh = n_dev if c.mesh_clients == 0 else c.mesh_clients
+        _check(n_mesh <= n_dev, "mesh_clients", c.mesh_clients,
+               f"at most the {n_dev} available {jax.default_backend()} device(s) (0 = all)")
+        _check(c.clients_per_round % n_mesh == 0, "clients_per_round", c.clients_per_round,
+               f"a multiple of the {n_mesh} devices on the 'clients' mesh axis "
+               f"(mesh_clients={c.mesh_clients})")
     if ds in GRAPH_DATASETS:
         validate_graph(c)
+
+
+def validate_budgets(c) -> None:
+    """budget_levels, budget_dist and heldout_frac: every level must end up with trained
+    clients, or results would silently average over fewer levels."""
+    levels = c.budget_levels
+    _check(isinstance(levels, (tuple, list)) and len(levels) >= 1
+           and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in levels),
+           "budget_levels", levels, "a non-empty tuple of budgets in (0, 1], e.g. (1, 0.25)")
+    levels = tuple(levels)
+    for b in levels:
+        _check(0 < b <= 1, "budget_levels", levels,
+               "every budget in (0, 1] (the kept fraction of prunable parameters)")
+    import numpy as np
+    _check(not any(np.isclose(a, b) for i, a in enumerate(levels) for b in levels[i + 1:]),
+           "budget_levels", levels, "distinct budgets")
+    dist = c.budget_dist
+    _check(isinstance(dist, (tuple, list))
+           and all(isinstance(d, (int, float)) and not isinstance(d, bool) for d in dist),
+           "budget_dist", dist, f"a tuple of {len(levels)} non-negative shares, one per level")
+    dist = tuple(dist)
+    if len(dist) != len(levels):  # blame the one that was changed from its default
+        d = base_config()
+        if levels == tuple(d.budget_levels) and dist != tuple(d.budget_dist):
+            _check(False, "budget_dist", dist, f"one share per budget of budget_levels={levels} "
+                   f"({len(levels)} budgets, {len(dist)} shares)")
+        _check(False, "budget_levels", levels,
+               f"one budget per share of budget_dist={dist} ({len(dist)} shares, {len(levels)} "
+               "budgets); set both together, e.g. --config.budget_levels='(1,0.25)' "
+               "--config.budget_dist='(1,1)'")
+    _check(all(d >= 0 for d in dist), "budget_dist", dist, "non-negative shares")
+    _check(sum(dist) > 0, "budget_dist", dist,
+           "at least one positive share (all shares are zero: no client would get a budget)")
+    for b, d in zip(levels, dist):
+        _check(d > 0, "budget_dist", dist,
+               f"a positive share for every budget level (level {b} has share 0 and would have "
+               "no clients); drop that level from budget_levels together with its share")
+    counts = [int(np.sum(np.isclose(assign_budgets(c), b))) for b in levels]
+    for b, n in zip(levels, counts):
+        _check(n > 0, "budget_dist", dist,
+               f"shares that give every budget level at least one of the num_clients="
+               f"{c.num_clients} clients (level {b} gets none); drop level {b} from "
+               "budget_levels together with its share, or raise its share")
+    _check(0 <= c.heldout_frac < 1, "heldout_frac", c.heldout_frac, "in [0, 1)")
+    if c.heldout_frac > 0:
+        for b, ids, n in zip(levels, heldout_ids(c), counts):
+            _check(len(ids) < n, "heldout_frac", c.heldout_frac,
+                   f"a fraction that leaves every budget level a trained client: level {b} has "
+                   f"{n} client(s) and ceil({c.heldout_frac} x {n}) = {len(ids)} are held out")
 
 
 def validate_graph(c) -> None:
