@@ -44,6 +44,8 @@ def base_config() -> mlc.ConfigDict:
     c.seed = 0
     c.model = "cnn"
     c.conv_impl = "auto"       # auto | xla | im2col (benchmarks/bench_conv.py)
+    c.compute_dtype = "float32"  # float32 | bfloat16 (activations, convs and matmuls in bf16;
+    #                              params, optimizer state, BN statistics and losses in float32)
     c.num_clients = 20
     c.clients_per_round = 10
     c.rounds = 100
@@ -142,6 +144,10 @@ def validate(c: mlc.ConfigDict) -> None:
     _check((c.model == "gcn") == (ds in GRAPH_DATASETS), "model", c.model,
            "'gcn' for graph datasets, 'cnn' or 'resnet18' for image datasets")
     _check(c.conv_impl in ("auto", "xla", "im2col"), "conv_impl", c.conv_impl, "auto, xla or im2col")
+    cd = c.get("compute_dtype", "float32")
+    _check(cd in ("float32", "bfloat16"), "compute_dtype", cd, "float32 or bfloat16")
+    _check(cd == "float32" or c.model != "gcn", "compute_dtype", cd,
+           "float32 for the GCN (bfloat16 is for the image models)")
     for f in ("num_clients", "clients_per_round", "rounds", "local_steps", "batch_size",
               "eval_every", "eval_last", "eval_batch", "checkpoint_every", "keep_checkpoints"):
         v = c[f]

@@ -45,16 +45,21 @@ def config_hash(c) -> str:
     for k in ("rounds", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_last",
               "data_dir", "union_subset", "eval_model_chunk", "mesh_clients", "conv_impl"):
         d.pop(k, None)  # fields that may change between a run and its resumption
+    if d.get("compute_dtype") == "float32":
+        d.pop("compute_dtype")  # the default: runs from before the field keep their hash
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build_model(c, num_classes, input_shape):
+    from framp_jax.models.layers import with_compute_dtype
+    dtype = c.get("compute_dtype", "float32")
     if c.model == "cnn":
         from framp_jax.models.cnn import make_cnn
-        return make_cnn(num_classes, input_shape, conv_impl=c.conv_impl)
+        return with_compute_dtype(make_cnn(num_classes, input_shape, conv_impl=c.conv_impl), dtype)
     if c.model == "resnet18":
         from framp_jax.models.resnet import make_resnet18
-        return make_resnet18(num_classes, input_shape, conv_impl=c.conv_impl)
+        return with_compute_dtype(make_resnet18(num_classes, input_shape, conv_impl=c.conv_impl),
+                                  dtype)
     raise C.ConfigError("model", c.model, "cnn or resnet18 for image data")
 
 

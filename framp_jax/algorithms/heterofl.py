@@ -202,6 +202,8 @@ def model_family(ctx: Context, backbone: str, image_shape) -> Family:
         mk = lambda r: make_gcn_width(in_dim, k, W.width_of(hidden, r), float(c.dropout))
         return Family(functools.lru_cache(None)(mk), W.gcn_spec(), False)
     image_shape = tuple(int(s) for s in image_shape)
+    from framp_jax.models.layers import with_compute_dtype
+    with_dtype = lambda mk: (lambda r: with_compute_dtype(mk(r), c.get("compute_dtype", "float32")))
     if backbone == "preact":
         from framp_jax.models.preact import make_preact_cnn, make_preact_resnet18
         if c.model == "cnn":
@@ -211,7 +213,7 @@ def model_family(ctx: Context, backbone: str, image_shape) -> Family:
             mk, spec = (lambda r: make_preact_resnet18(k, image_shape, width=r,
                                                        conv_impl=c.conv_impl),
                         W.preact_resnet18_spec())
-        return Family(functools.lru_cache(None)(mk), spec, True)
+        return Family(functools.lru_cache(None)(with_dtype(mk)), spec, True)
     if c.model == "cnn":
         from framp_jax.models.cnn import make_cnn
         mk, spec = (lambda r: make_cnn(k, image_shape, width=r, conv_impl=c.conv_impl),
@@ -220,7 +222,7 @@ def model_family(ctx: Context, backbone: str, image_shape) -> Family:
         from framp_jax.models.resnet import make_resnet18
         mk, spec = (lambda r: make_resnet18(k, image_shape, width=r, conv_impl=c.conv_impl),
                     W.resnet18_spec())
-    return Family(functools.lru_cache(None)(mk), spec, False)
+    return Family(functools.lru_cache(None)(with_dtype(mk)), spec, False)
 
 
 def level_rates(c, opts) -> dict:

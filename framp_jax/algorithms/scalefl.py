@@ -45,6 +45,7 @@ from framp_jax.client import is_finite_tree, local_train
 from framp_jax.config import ConfigError
 from framp_jax.losses import cross_entropy
 from framp_jax.models import exits as E
+from framp_jax.models.layers import with_compute_dtype
 
 # budget -> (exits, width)
 DEFAULT_LEVELS = {
@@ -207,7 +208,9 @@ def scalefl(ctx: Context) -> Algorithm:
         """Global and per-level exit models for the data's input shape (built once)."""
         shape = input_shape(data)
         if shape not in cache:
-            mk = lambda w, h: E.make_exits_model(c.model, K, shape, w, h, c.conv_impl, **kw)
+            dt = c.get("compute_dtype", "float32")
+            mk = lambda w, h: with_compute_dtype(
+                E.make_exits_model(c.model, K, shape, w, h, c.conv_impl, **kw), dt)
             per = {b: mk(w, h) for b, (h, w) in levels.items()}
             cache[shape] = (mk(1.0, MAX_EXITS[c.model]), per,
                             {b: E.param_shapes(m) for b, m in per.items()})
