@@ -176,6 +176,11 @@ class CheckpointManager:
             cleanup_tmp_directories=True,  # leftovers of a save interrupted by a crash
         )
         self._mngr = ocp.CheckpointManager(self.directory, options=options)
+        # orbax removes those leftovers in a background thread; a process that exits right
+        # after (e.g. a refused --resume) would kill it mid-way and print a thread error
+        wait_cleanup = getattr(self._mngr, "_maybe_await_cleanup_tmp_directory", None)
+        if wait_cleanup is not None:
+            wait_cleanup()
 
     # -- queries ----------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ __all__ = [
     "WorkdirError",
     "WorkdirLockedError",
     "WorkdirExistsError",
+    "InputShapeError",
 ]
 
 EXIT_CODE = 2  # the CLI's exit status for every FrampError
@@ -49,3 +50,7 @@ class WorkdirLockedError(WorkdirError):
 
 class WorkdirExistsError(WorkdirError, FileExistsError):
     """The workdir already holds another run's checkpoints (and --resume was not given)."""
+
+
+class InputShapeError(DataError, ValueError):
+    """The data's shape does not fit the chosen model (e.g. images too small to pool)."""

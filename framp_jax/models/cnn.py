@@ -22,17 +22,18 @@ from framp_jax.models.layers import (conv2d, max_pool2, pool_out_size, resolve_c
 def pooled_size(image_shape, num_pools: int = 3) -> tuple[int, int]:
     """(H, W) after ``num_pools`` conv (size-preserving) + 2x2 max-pool blocks, each pool
     flooring as PyTorch's ``MaxPool2d(2)``: 32 -> 4, 28 -> 3, 15 -> 1. Raises ValueError for
-    shapes that are not (H, W, C) or too small to keep a pixel."""
+    shapes that are not (H, W, C) or too small to keep a pixel (InputShapeError, a DataError)."""
+    from framp_jax.errors import InputShapeError  # a ValueError
     if len(tuple(image_shape)) != 3 or min(image_shape) < 1:
-        raise ValueError(f"image_shape={tuple(image_shape)}: expected (H, W, C) with positive "
+        raise InputShapeError(f"image_shape={tuple(image_shape)}: expected (H, W, C) with positive "
                          "sizes")
     h, w = int(image_shape[0]), int(image_shape[1])
     for _ in range(num_pools):
         h, w = pool_out_size(h), pool_out_size(w)
     if h < 1 or w < 1:
-        raise ValueError(f"image_shape={tuple(image_shape)}: the small CNN halves H and W "
+        raise InputShapeError(f"image_shape={tuple(image_shape)}: the small CNN halves H and W "
                          f"{num_pools} times (2x2 max-pools), so it needs H and W >= "
-                         f"{2 ** num_pools}")
+                         f"{2 ** num_pools} (model='resnet18' takes any size)")
     return h, w
 
 
