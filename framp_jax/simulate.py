@@ -211,9 +211,14 @@ def _is_finite_state(state):
 def run(c, workdir: str, resume: bool = False, progress: bool = True, log=print) -> dict:
     """Train ``c`` writing the DESIGN run directory into ``workdir``; returns results.json."""
     from framp_jax.checkpoint import CheckpointManager
+    from framp_jax import distributed as dist
     from framp_jax.rundir import EventWriter, MetricsCSV, plot_budget_accuracy, write_json_atomic
 
     C.validate(c)
+    dist.check_config(c)
+    writer = dist.is_writer()  # several processes: only process 0 writes the run directory
+    if not writer:
+        log, progress = (lambda *a, **k: None), False
     os.makedirs(workdir, exist_ok=True)
     ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints)
     if not resume and ckpt.latest_round() is not None:
@@ -240,8 +245,12 @@ def run(c, workdir: str, resume: bool = False, progress: bool = True, log=print)
     data = prob.data
 
     state = alg.init(jax.random.key(c.seed), data)
+    multi = dist.is_multi_process()
+    if multi:  # onto the mesh over all processes first; a checkpoint restores straight onto it
+        state, data = dist.place_replicated((state, data), mesh)
     start, wall_before, history = 0, 0.0, []
-    metrics_csv = MetricsCSV(os.path.join(workdir, "metrics.csv"), resume=resume)
+    metrics_csv = (MetricsCSV(os.path.join(workdir, "metrics.csv"), resume=resume) if writer
+                   else dist.NULL_WRITER)
     if resume and ckpt.latest_round() is not None:
         state, extra = ckpt.restore(target=state, expected_config_hash=config_hash(c))
         start = int(extra["round"])
@@ -249,17 +258,18 @@ def run(c, workdir: str, resume: bool = False, progress: bool = True, log=print)
         history = list(extra.get("history", []))
         metrics_csv.truncate_after(start)
         log(f"resumed from round {start}")
-    if replicated is not None:  # placed once, not transferred to the mesh every round
+    if replicated is not None and not multi:  # placed once, not transferred every round
         state, data = jax.device_put((state, data), replicated)
     ux_sub, uy_sub = union_subset(c, data)
     # written once a resume has passed the checkpoint's config check, so a refused --resume
     # leaves the workdir's config.json describing the run its checkpoints belong to
-    write_json_atomic(os.path.join(workdir, "config.json"), resolved)
-    tb = EventWriter(os.path.join(workdir, "tb"))
+    if writer:
+        write_json_atomic(os.path.join(workdir, "config.json"), resolved)
+    tb = EventWriter(os.path.join(workdir, "tb")) if writer else dist.NULL_WRITER
 
     def do_eval(t, full):
         ux, uy = (data.union_x, data.union_y) if full else (ux_sub, uy_sub)
-        la, ua = evaluate(state, data, ux, uy)
+        la, ua = dist.to_host(evaluate(state, data, ux, uy))
         m = eval_metrics(c, prob.ctx, la, ua)
         m["union_samples"] = int(jnp.sum(uy >= 0))
         return m
@@ -307,12 +317,13 @@ def run(c, workdir: str, resume: bool = False, progress: bool = True, log=print)
     ckpt.wait()
     tb.close()
     results = make_results(c, history, wall, round_counter.count, prob, time.time() - t_setup - wall + wall_before)
-    sweep = budget_sweep(c, alg, prob, state)
+    sweep = budget_sweep(c, alg, prob._replace(data=data) if multi else prob, state)
     if sweep:
         results["unseen_budgets"] = sweep
-    write_json_atomic(os.path.join(workdir, "results.json"), results)
-    plot_budget_accuracy(history, os.path.join(workdir, "accuracy.png"),
-                         title=f"{c.method} on {c.dataset} (seed {c.seed})")
+    if writer:
+        write_json_atomic(os.path.join(workdir, "results.json"), results)
+        plot_budget_accuracy(history, os.path.join(workdir, "accuracy.png"),
+                             title=f"{c.method} on {c.dataset} (seed {c.seed})")
     return results
 
 
@@ -322,14 +333,15 @@ def budget_sweep(c, alg, prob, state):
     budgets = tuple(c.framp.unseen_budgets) if c.method == "framp" else ()
     if alg.eval_groups_at_budget is None or not budgets:
         return {}
+    from framp_jax.distributed import to_host
     from framp_jax.eval import budget_label
     held = np.concatenate(C.heldout_ids(c)) if c.heldout_frac > 0 else np.zeros((0,), int)
     tr = np.setdiff1d(np.arange(c.num_clients), held)
     out = {}
     evaluate = make_evaluator(alg, prob.ctx, prob.eval_fns, at_budget=True)
     for b in budgets:
-        la, ua = evaluate(state, prob.data, prob.data.union_x, prob.data.union_y,
-                          jnp.float32(b))
+        la, ua = to_host(evaluate(state, prob.data, prob.data.union_x, prob.data.union_y,
+                                  jnp.float32(b)))
         out[budget_label(b)] = {"local": float(np.nanmean(np.asarray(la)[tr])),
                                 "union": float(np.mean(np.asarray(ua)[tr]))}
     return out
