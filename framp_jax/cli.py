@@ -1,13 +1,22 @@
 """Command line: ``framp-jax train --config experiments/configs/NAME.py --workdir DIR
-[--config.KEY=VALUE ...] [--resume]``."""
+[--config.KEY=VALUE ...] [--resume] [--debug]``.
+
+An expected failure (a :class:`~framp_jax.errors.FrampError`: bad config, missing or corrupt
+data, unusable checkpoint, diverging training, busy workdir; or a full disk / permission error
+while writing) prints one line ``framp-jax: <message>`` on stderr and exits with status 2;
+``--debug`` or ``FRAMP_DEBUG=1`` shows its traceback instead. Other exceptions are bugs and keep
+their traceback."""
 from __future__ import annotations
 
+import errno
+import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from framp_jax import distributed as _distributed
+from framp_jax.errors import EXIT_CODE
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A get_config() file, e.g. experiments/configs/framp_cifar10_cpu.py; override "
@@ -16,6 +25,8 @@ flags.DEFINE_string("workdir", None, "Run directory (config.json, metrics.csv, r
                     "checkpoints, TensorBoard events, plots).")
 flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its latest checkpoint.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_bool("debug", False, "Show the traceback of expected failures (bad config, data, "
+                  "checkpoint, divergence, workdir) instead of one line; also FRAMP_DEBUG=1.")
 _distributed.define_flags()  # --distributed, --coordinator_address, --num_processes, --process_id
 FLAGS = flags.FLAGS
 
@@ -45,14 +56,45 @@ def _main(argv):
     print(f"results: {FLAGS.workdir}/results.json")
 
 
-def main():
+# OSError numbers that mean "the disk or the permissions", not a bug
+_IO_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def expected_failure_message(e: BaseException) -> str | None:
+    """The one-line message for an expected failure, or None for anything else (a bug)."""
     from framp_jax.config import ConfigError
+    from framp_jax.errors import FrampError
+    if isinstance(e, ConfigError):
+        msg = f"bad config: {e}"
+    elif isinstance(e, (FrampError, _distributed.DistributedError)):
+        msg = str(e)
+    elif isinstance(e, OSError) and e.errno in _IO_ERRNOS:
+        where = f" ({e.filename})" if e.filename else ""
+        msg = (f"cannot write{where}: {e.strerror or e}; free space on the disk or choose "
+               "another --workdir")
+    else:
+        return None
+    return " ".join(line.strip() for line in msg.strip().splitlines() if line.strip())
+
+
+def _debug() -> bool:
+    if os.environ.get("FRAMP_DEBUG", "") not in ("", "0"):
+        return True
+    try:
+        return bool(FLAGS.debug)
+    except flags.UnparsedFlagAccessError:
+        return False
+
+
+def main():
     try:
         app.run(_main)
-    except ConfigError as e:
-        sys.exit(f"framp-jax: bad config: {e}")
-    except _distributed.DistributedError as e:
-        sys.exit(f"framp-jax: {e}")
+    except Exception as e:  # noqa: BLE001 - expected failures become one line
+        line = expected_failure_message(e)
+        if line is None or _debug():
+            raise
+        print(f"framp-jax: {line}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_CODE)
 
 
 if __name__ == "__main__":

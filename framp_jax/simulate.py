@@ -17,11 +17,13 @@ import numpy as np
 from framp_jax import config as C
 from framp_jax.algorithms.base import Context, FedData
 from framp_jax.client import LocalConfig
+from framp_jax.errors import CheckpointError, DataError, DivergenceError, WorkdirExistsError
 from framp_jax.eval import local_accuracy, summarize, union_accuracy
 
 
-class NonFiniteError(FloatingPointError):
-    """Training produced NaN/Inf: every client of a round failed, or the server state did."""
+class NonFiniteError(DivergenceError):
+    """Training produced NaN/Inf (every client of a round failed, or the server state did), or
+    its loss exploded past ``config.max_loss_ratio``."""
 
 
 class Problem(NamedTuple):
@@ -40,14 +42,22 @@ def _levels_ok(c):
     return [float(b) for b in c.budget_levels]
 
 
-def config_hash(c) -> str:
-    d = json.loads(c.to_json_best_effort())
+def hashed_config(c) -> dict:
+    """The config fields a run's checkpoints are tied to (``c`` a ConfigDict or the dict of a
+    config.json): all but those that may change between a run and its resumption."""
+    d = json.loads(c.to_json_best_effort()) if hasattr(c, "to_json_best_effort") else dict(c)
+    d.pop("_resolved", None)  # config.json's record of the data and the machine
     for k in ("rounds", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_last",
-              "data_dir", "union_subset", "eval_model_chunk", "mesh_clients", "conv_impl"):
+              "data_dir", "union_subset", "eval_model_chunk", "mesh_clients", "conv_impl",
+              "max_loss_ratio"):
         d.pop(k, None)  # fields that may change between a run and its resumption
     if d.get("compute_dtype") == "float32":
         d.pop("compute_dtype")  # the default: runs from before the field keep their hash
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return d
+
+
+def config_hash(c) -> str:
+    return hashlib.sha256(json.dumps(hashed_config(c), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build_model(c, num_classes, input_shape):
@@ -89,10 +99,15 @@ def build_problem(c, verbose=True) -> Problem:
     from framp_jax.data.vision import get_normalization, load_vision_dataset
 
     ds = load_vision_dataset(c.dataset, c.data_dir or None)
-    part = partition_vision(ds.y_train, ds.y_test, c.num_clients, c.partition, c.alpha, c.seed,
-                            c.test_prior, c.classes_per_client, ds.num_classes)
-    tr = stack_clients(ds.x_train, ds.y_train, part.train)
-    te = stack_clients(ds.x_test, ds.y_test, part.test)
+    try:  # data-dependent limits (e.g. more clients than test samples): one line, not a trace
+        part = partition_vision(ds.y_train, ds.y_test, c.num_clients, c.partition, c.alpha,
+                                c.seed, c.test_prior, c.classes_per_client, ds.num_classes)
+        tr = stack_clients(ds.x_train, ds.y_train, part.train)
+        te = stack_clients(ds.x_test, ds.y_test, part.test)
+    except ValueError as e:
+        raise DataError(f"{c.dataset} ({ds.info.get('file')}) cannot be split into "
+                        f"num_clients={c.num_clients} clients with partition={c.partition}: "
+                        f"{e}") from e
     lc_train = label_counts(ds.y_train, part.train, ds.num_classes)
     lc_test = label_counts(ds.y_test, part.test, ds.num_classes)
     budgets = C.assign_budgets(c)
@@ -203,13 +218,104 @@ def eval_metrics(c, ctx, local, union):
     return out
 
 
+def _kept_checkpoint(ckpt) -> str:
+    """What a stopped run leaves to resume from: the newest checkpoint on disk, or none."""
+    rounds = ckpt.all_rounds()
+    if not rounds:
+        return (f"no checkpoint was written before this round, so there is none to resume from "
+                f"(checkpoints are saved every checkpoint_every rounds to {ckpt.directory})")
+    return (f"the latest checkpoint, round {rounds[-1]} ({ckpt.step_dir(rounds[-1])}), is kept "
+            "(resuming it needs the same config)")
+
+
 def _is_finite_state(state):
     return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state)
                if jnp.issubdtype(x.dtype, jnp.floating))
 
 
-def run(c, workdir: str, resume: bool = False, progress: bool = True, log=print) -> dict:
-    """Train ``c`` writing the DESIGN run directory into ``workdir``; returns results.json."""
+def run(c, workdir: str, resume: bool = False, progress: bool = True, log=print,
+        warn=None) -> dict:
+    """Train ``c`` writing the DESIGN run directory into ``workdir``; returns results.json.
+
+    The config is validated first, then ``workdir`` is locked for the whole run
+    (:class:`~framp_jax.rundir.WorkdirLock`: a second run on it is refused, naming this one's
+    pid and host), then its checkpoints are checked against ``resume`` and the config, all
+    before any data loads. ``log`` gets progress lines, ``warn`` (default: stderr) one line per
+    warning (clients left out of a round for NaN/Inf, a corrupt checkpoint skipped). Expected
+    failures raise :class:`~framp_jax.errors.FrampError` subclasses with one-line messages.
+    """
+    from framp_jax import distributed as dist
+    from framp_jax.rundir import WorkdirLock
+
+    from framp_jax.data.locate import check_data_env
+    C.validate(c)
+    check_data_env()  # an explicitly set $FRAMP_DATA_DIR that does not exist
+    if resume and not _has_checkpoint_dirs(workdir):  # before the lock creates the workdir
+        raise CheckpointError(_nothing_to_resume(c, workdir))
+    lock = WorkdirLock(workdir).acquire() if dist.is_writer() else None
+    try:
+        return _run(c, workdir, resume, progress, log, warn)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _has_checkpoint_dirs(workdir) -> bool:
+    d = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
+def _nothing_to_resume(c, workdir) -> str:
+    return (f"nothing to resume in {workdir}: it holds no checkpoint (a run saves one every "
+            f"checkpoint_every={c.checkpoint_every} rounds and at its end); start without "
+            "--resume")
+
+
+def check_checkpoints(c, workdir, ckpt, resume: bool) -> None:
+    """What the workdir's checkpoints allow, decided from the config alone (no data loaded):
+    a fresh run needs a workdir without checkpoints; ``resume`` needs a checkpoint, none past
+    ``c.rounds`` (resuming a shorter run would relabel a later state and delete its
+    checkpoint), and the config the checkpoints were written with (the fields that changed are
+    listed). Nothing is modified."""
+    from framp_jax.checkpoint import CheckpointMismatchError, CorruptCheckpointError
+    from framp_jax.rundir import config_diff
+    rounds = ckpt.all_rounds()
+    if not resume:
+        if rounds:
+            raise WorkdirExistsError(
+                f"{workdir} already holds checkpoints (latest round {rounds[-1]}); pass "
+                "--resume to continue that run or choose a new --workdir")
+        return
+    if not rounds:
+        raise CheckpointError(_nothing_to_resume(c, workdir))
+    if rounds[-1] > c.rounds:
+        raise CheckpointError(
+            f"cannot resume {workdir} with config.rounds={c.rounds}: it holds a checkpoint of "
+            f"round {rounds[-1]} (checkpoints {rounds}), past the end of this run; resume with "
+            f"--config.rounds={rounds[-1]} or more, or use a new --workdir (nothing was changed)")
+    for r in reversed(rounds):  # the newest checkpoint whose metadata reads back
+        try:
+            extra = ckpt.restore_extra(r)
+        except CorruptCheckpointError:
+            continue
+        stored, now = extra.get("config_hash"), config_hash(c)
+        if stored is None or str(stored) == now:
+            return
+        old = extra.get("config")
+        if old is None:  # checkpoints without their config: the workdir's config.json
+            try:
+                with open(os.path.join(workdir, "config.json")) as f:
+                    old = hashed_config(json.load(f))
+            except (OSError, ValueError):
+                old = None
+        changed = config_diff(old, hashed_config(c)) if old is not None else []
+        raise CheckpointMismatchError(
+            f"cannot resume {workdir}: its checkpoint of round {r} was written with a different "
+            f"config; changed: {'; '.join(changed) or f'config hash {stored} -> {now}'}; resume "
+            "with the original values, or start without --resume in a new workdir")
+
+
+def _run(c, workdir: str, resume: bool, progress: bool, log, warn) -> dict:
     from framp_jax.checkpoint import CheckpointManager
     from framp_jax import distributed as dist
     from framp_jax.rundir import EventWriter, MetricsCSV, plot_budget_accuracy, write_json_atomic
@@ -218,13 +324,21 @@ def run(c, workdir: str, resume: bool = False, progress: bool = True, log=print)
     dist.check_config(c)
     writer = dist.is_writer()  # several processes: only process 0 writes the run directory
     if not writer:
-        log, progress = (lambda *a, **k: None), False
+        log, progress, warn = (lambda *a, **k: None), False, (lambda *a, **k: None)
+    bar = None
+
+    def warn_(msg):
+        if warn is not None:
+            return warn(msg)
+        line = f"framp-jax: warning: {msg}"
+        if bar is not None:
+            bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
     os.makedirs(workdir, exist_ok=True)
     ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints)
-    if not resume and ckpt.latest_round() is not None:
-        raise FileExistsError(
-            f"{workdir} already holds checkpoints (latest round {ckpt.latest_round()}); pass "
-            "--resume to continue that run or choose a new --workdir")
+    check_checkpoints(c, workdir, ckpt, resume)  # before any data loads
     t_setup = time.time()
     prob = build_problem(c)
     log(prob.summary)
@@ -233,6 +347,8 @@ def run(c, workdir: str, resume: bool = False, progress: bool = True, log=print)
     resolved["_resolved"] = {"data": prob.info, "jax": jax.__version__, "backend": jax.default_backend(),
                              "devices": len(jax.devices()), "python": platform.python_version(),
                              "config_hash": config_hash(c)}
+    from framp_jax.report import source_commit
+    resolved["_resolved"]["framp_jax_commit"] = source_commit()  # git HEAD (+dirty) or unknown
 
     round_counter = TraceCounter(alg.round)
     mesh = prob.ctx.mesh
@@ -251,11 +367,14 @@ def run(c, workdir: str, resume: bool = False, progress: bool = True, log=print)
     start, wall_before, history = 0, 0.0, []
     metrics_csv = (MetricsCSV(os.path.join(workdir, "metrics.csv"), resume=resume) if writer
                    else dist.NULL_WRITER)
+    excluded = {}  # round -> clients left out of the aggregate for a NaN/Inf loss or update
     if resume and ckpt.latest_round() is not None:
-        state, extra = ckpt.restore(target=state, expected_config_hash=config_hash(c))
+        state, extra = ckpt.restore_latest_intact(target=state, expected_config_hash=config_hash(c),
+                                                  warn=warn_)
         start = int(extra["round"])
         wall_before = float(extra.get("wall_s", 0.0))
         history = list(extra.get("history", []))
+        excluded = {int(r): int(n) for r, n in extra.get("excluded_clients", {}).items()}
         metrics_csv.truncate_after(start)
         log(f"resumed from round {start}")
     if replicated is not None and not multi:  # placed once, not transferred every round
@@ -267,9 +386,14 @@ def run(c, workdir: str, resume: bool = False, progress: bool = True, log=print)
         write_json_atomic(os.path.join(workdir, "config.json"), resolved)
     tb = EventWriter(os.path.join(workdir, "tb")) if writer else dist.NULL_WRITER
 
+    final_clients = {}  # the last (full) evaluation's per-client accuracies, for results.json
+
     def do_eval(t, full):
         ux, uy = (data.union_x, data.union_y) if full else (ux_sub, uy_sub)
         la, ua = dist.to_host(evaluate(state, data, ux, uy))
+        if full:
+            final_clients.update({k: [None if not np.isfinite(x) else float(x) for x in
+                                      np.asarray(v)] for k, v in (("local", la), ("union", ua))})
         m = eval_metrics(c, prob.ctx, la, ua)
         m["union_samples"] = int(jnp.sum(uy >= 0))
         return m
@@ -281,20 +405,37 @@ def run(c, workdir: str, resume: bool = False, progress: bool = True, log=print)
                    dynamic_ncols=True, mininterval=1.0)
     t0 = time.time()
     last = {}
+    max_loss = c.max_loss_ratio * float(np.log(max(int(prob.ctx.num_classes), 2)))
     for t in range(start, c.rounds):
         state, m = round_fn(state, data, jnp.int32(t))
         m = {k: float(v) for k, v in jax.device_get(m).items()}
+        rnd = t + 1
         if not np.isfinite(m["train_loss"]):
             raise NonFiniteError(
-                f"round {t + 1}: every participating client returned a NaN/Inf loss or update "
-                f"({int(m['nan_clients'])} clients); lower config.lr (now {c.lr}) or set "
-                "config.grad_clip. The last good checkpoint is kept in the workdir.")
-        rnd = t + 1
+                f"round {rnd}: every participating client returned a NaN/Inf loss or update "
+                f"({int(m.get('nan_clients', 0))} clients); lower config.lr (now {c.lr}) or set "
+                f"config.grad_clip; {_kept_checkpoint(ckpt)}")
+        if m.get("nan_clients", 0) > 0:
+            excluded[rnd] = int(m["nan_clients"])
+            warn_(f"round {rnd}: {excluded[rnd]} of {c.clients_per_round} clients returned a "
+                  "NaN/Inf loss or update and were left out of the aggregate (metrics.csv column "
+                  "excluded_clients); lower config.lr or set config.grad_clip if this recurs")
+        if max_loss > 0 and m["train_loss"] > max_loss:
+            raise NonFiniteError(
+                f"round {rnd}: the mean training loss {m['train_loss']:.4g} exceeds "
+                f"config.max_loss_ratio x ln(num_classes) = {c.max_loss_ratio:g} x "
+                f"ln({prob.ctx.num_classes}) = {max_loss:.4g}: training diverges; lower "
+                f"config.lr (now {c.lr}) or set config.grad_clip (0 = off), or set "
+                f"config.max_loss_ratio=0 to go on regardless; {_kept_checkpoint(ckpt)}")
         is_last = rnd == c.rounds
         if rnd % c.eval_every == 0 or is_last:
             if not _is_finite_state(state):
-                raise NonFiniteError(f"round {rnd}: the server state holds NaN/Inf values")
+                raise NonFiniteError(f"round {rnd}: the server state holds NaN/Inf values; lower "
+                                     f"config.lr (now {c.lr}) or set config.grad_clip; "
+                                     f"{_kept_checkpoint(ckpt)}")
             ev = do_eval(t, full=is_last)
+            since = history[-1]["round"] if history else 0
+            m["excluded_clients"] = sum(n for r, n in excluded.items() if since < r <= rnd)
             row = {"round": rnd, **m, **ev, "wall_s": wall_before + time.time() - t0}
             metrics_csv.append(row)
             tb.scalars({k: v for k, v in row.items() if k != "round"}, rnd)
@@ -304,19 +445,29 @@ def run(c, workdir: str, resume: bool = False, progress: bool = True, log=print)
         if bar is not None:
             bar.set_postfix(loss=f"{m['train_loss']:.3f}",
                             local=f"{last.get('local/mean', float('nan')):.3f}",
-                            union=f"{last.get('union/mean', float('nan')):.3f}", refresh=False)
+                            union=f"{last.get('union/mean', float('nan')):.3f}",
+                            excluded=sum(excluded.values()), refresh=False)
             bar.update(1)
         if rnd % c.checkpoint_every == 0 and not is_last:
             ckpt.save(rnd, state, {"round": rnd, "wall_s": wall_before + time.time() - t0,
-                                   "history": history, "config_hash": config_hash(c)})
+                                   "history": history, "config_hash": config_hash(c),
+                                   "config": hashed_config(c), "excluded_clients": excluded})
     if bar is not None:
         bar.close()
     wall = wall_before + time.time() - t0
-    ckpt.save(c.rounds, state, {"round": c.rounds, "wall_s": wall, "history": history,
-                                "config_hash": config_hash(c)})
+    if start < c.rounds:  # resumed from the final checkpoint: it is already on disk
+        ckpt.save(c.rounds, state, {"round": c.rounds, "wall_s": wall, "history": history,
+                                    "config_hash": config_hash(c), "config": hashed_config(c),
+                                    "excluded_clients": excluded})
     ckpt.wait()
     tb.close()
     results = make_results(c, history, wall, round_counter.count, prob, time.time() - t_setup - wall + wall_before)
+    results["excluded_clients"] = {"total": int(sum(excluded.values())),
+                                   "by_round": {str(r): n for r, n in sorted(excluded.items())}}
+    if final_clients:  # client i's budget and accuracies at the last evaluation (round c.rounds)
+        results["per_client"] = {"round": c.rounds, "budget": np.asarray(prob.ctx.budgets).tolist(),
+                                 "heldout": [int(i) for ids in C.heldout_ids(c) for i in ids],
+                                 **final_clients}
     sweep = budget_sweep(c, alg, prob._replace(data=data) if multi else prob, state)
     if sweep:
         results["unseen_budgets"] = sweep
