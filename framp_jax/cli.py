@@ -28,13 +28,34 @@ flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_bool("debug", False, "Show the traceback of expected failures (bad config, data, "
                   "checkpoint, divergence, workdir) instead of one line; also FRAMP_DEBUG=1.")
 _distributed.define_flags()  # --distributed, --coordinator_address, --num_processes, --process_id
+flags.DEFINE_string("sweep", None, "framp-jax sweep: a sweep file, e.g. experiments/sweeps/cora.py "
+                    "(framp_jax.sweep); its runs go to --workdir/<run name>.")
+flags.DEFINE_integer("jobs", 1, "framp-jax sweep: runs trained at the same time (processes).")
+flags.DEFINE_string("out", None, "framp-jax report: output directory (REPORT.md and plots).")
 FLAGS = flags.FLAGS
 
-COMMANDS = ("train",)
+COMMANDS = ("train", "sweep", "report")
+
+
+def _sweep_or_report(cmd):
+    if cmd[0] == "report":
+        if len(cmd) < 2 or FLAGS.out is None:
+            raise app.UsageError("usage: framp-jax report RUN_OR_SWEEP_DIR... --out DIR")
+        from framp_jax.report import write_report
+        print(f"report: {write_report(cmd[1:], FLAGS.out)}")
+        return
+    if len(cmd) != 1 or FLAGS.sweep is None or FLAGS.workdir is None:
+        raise app.UsageError("usage: framp-jax sweep --sweep FILE --workdir DIR [--jobs N]")
+    from framp_jax.sweep import run_sweep
+    out = run_sweep(FLAGS.sweep, FLAGS.workdir, jobs=FLAGS.jobs)
+    if out["failed"]:
+        sys.exit(1)
 
 
 def _main(argv):
     cmd = argv[1:]
+    if cmd[:1] == ["sweep"] or cmd[:1] == ["report"]:
+        return _sweep_or_report(cmd)
     if len(cmd) != 1 or cmd[0] not in COMMANDS:
         raise app.UsageError(f"usage: framp-jax {{{','.join(COMMANDS)}}} --config FILE --workdir DIR "
                              f"[--config.KEY=VALUE ...] [--resume]; got {cmd}")

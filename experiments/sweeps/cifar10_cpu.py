@@ -1,0 +1,18 @@
+"""CPU-scale CIFAR-10 reproduction: every method's *_cifar10_cpu preset (FRAMP also with width
+extraction) x seeds 0, 1, 2.
+
+    framp-jax sweep --sweep experiments/sweeps/cifar10_cpu.py --workdir runs/cifar10_cpu
+"""
+from framp_jax.sweep import grid
+
+METHODS = ("fedavg", "local", "framp", "fiarse", "heterofl", "fedrolex", "scalefl")
+
+
+def variants():
+    v = {m: f"../configs/{m}_cifar10_cpu.py" for m in METHODS}
+    v["framp_width"] = ("../configs/framp_cifar10_cpu.py", {"framp.extraction": "width"})
+    return v
+
+
+def get_sweep():
+    return grid(variants(), seeds=(0, 1, 2))

@@ -1,0 +1,590 @@
+"""Report over finished runs: ``framp-jax report RUN_OR_SWEEP_DIR... --out DIR``.
+
+Finds every run directory (one holding ``results.json``) under the given paths and writes
+``DIR/REPORT.md`` and ``DIR/*.png``:
+
+- one section per setting (the protocol: dataset and its data file, model, clients, rounds,
+  local work, partition, test prior, budgets, held-out clients), one row per method and variant
+  (config fields that differ between runs of the same method in the setting, e.g.
+  ``framp.extraction=width``): Local and Union accuracy per budget and their means, as mean ±
+  sample standard deviation (ddof = 1) over seeds, the number of seeds, the data file with its
+  exactness label and the framp_jax commit that made the runs;
+- the published numbers of the same protocol beside ours (:mod:`framp_jax.reference_numbers`);
+- unseen (held-out) clients, unseen budgets, bytes communicated and wall time per round where
+  the runs record them;
+- plots: accuracy per budget with error bars, Local/Union mean against rounds (mean and ±1 std
+  band over seeds), and the per-client accuracy CDF per budget when results.json holds
+  per-client accuracies.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import subprocess
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["find_runs", "load_run", "group_runs", "mean_std", "write_report", "data_label",
+           "source_commit", "BUDGETS"]
+
+BUDGETS = ("1/64", "1/16", "1/4", "1", "mean")
+
+# The protocol: runs that differ here are in different settings (tables).
+SETTING_FIELDS = ("dataset", "model", "num_clients", "clients_per_round", "rounds", "local_steps",
+                  "batch_size", "partition", "alpha", "classes_per_client", "test_prior",
+                  "budget_levels", "budget_dist", "heldout_frac", "graph_partition",
+                  "graph_ratio_train", "graph_split_seed")
+# Fields that never make two runs different results (or are the seed, shown as its own column).
+_NOT_VARIANT = {"seed", "data_dir", "rounds", "checkpoint_every", "keep_checkpoints",
+                "eval_every", "eval_model_chunk", "mesh_clients", "conv_impl", "max_loss_ratio",
+                "union_subset", "client_map"}
+
+# Exactness labels of the shared data files, by sha256 (the data folders' README.md files).
+DATA_LABELS = {
+    "b7886735b05bd1c8f4d45deac6c80fc912c13e1da5261c9a88d1dfb6df6fe10a":
+        "CIFAR-10 (lossless, 59,980 of 60,000 exact)",
+    "b10833c0ef92364dc3e645621eb69e4f2e29e1764eb6c4627790507cb9f8037a": "CIFAR-10 (JPEG q75 copy)",
+    "73a8f435649f5124c3b80815d934a113ec581169af4f4a3139133df03e3520de": "CIFAR-100 (bit-exact)",
+    "794a2811090559ccc2cc3a06db4c4a2e0fc61ac2c0780358b1f26564ecaddd2e": "Cora (Planetoid, exact)",
+    "b7d76d47a930ea5cfa50dc0dea86e93e6303aac5c64efc204502c2a0bf4fef38":
+        "CiteSeer (Planetoid, exact)",
+    "17cd7b371e929a19a1828ea023bf27067882287e2b97b8a8cfbdf0f4c659ceb2": "Amazon Photo (exact)",
+    "71da5c6984f791245e46941086d83bb9922ee15f6baca4dec494d5f220c9fc14": "Amazon Computers (exact)",
+    "5e7eba1eee802ab89f7e5cf332fd6867e37677abb72f75175738fef7c1298d4a": "Coauthor CS (exact)",
+    "71dfa72eaf86b6c72068b0f9dfbab51aedccf8584cf11d4e8ec539801f6aa285":
+        "Coauthor Physics (exact)",
+}
+
+
+def source_commit() -> str:
+    """The git commit of the framp_jax source in use (``+dirty`` when tracked files differ from
+    it), or ``"unknown"`` outside a git checkout. Recorded in config.json at train time."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain",
+                                "--untracked-files=no", "--", "."], capture_output=True,
+                               text=True, timeout=10)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading runs
+# ---------------------------------------------------------------------------------------------
+
+
+def find_runs(paths: Iterable[str]) -> tuple[list[str], list[str]]:
+    """``(finished run dirs, unfinished run dirs)`` under ``paths`` (run or sweep directories,
+    searched recursively); a run dir holds results.json, an unfinished one config.json,
+    checkpoints or error.txt without it."""
+    done, unfinished = [], []
+    for p in paths:
+        if not os.path.isdir(p):
+            raise FileNotFoundError(f"framp-jax report: {p} is not a directory")
+        for root, dirs, files in os.walk(p):
+            dirs[:] = sorted(d for d in dirs if d not in ("checkpoints", "tb"))
+            if "results.json" in files:
+                done.append(root)
+                dirs[:] = []
+            elif "config.json" in files or "error.txt" in files or "train.log" in files:
+                unfinished.append(root)
+                dirs[:] = []
+    return done, unfinished
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _read_metrics(path) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            row = {}
+            for k, v in r.items():
+                try:
+                    row[k] = float(v)
+                except (TypeError, ValueError):
+                    row[k] = v
+            rows.append(row)
+    return rows
+
+
+def data_label(info: Mapping[str, Any] | None) -> str:
+    """The data file and its exactness label, e.g. ``cifar10_jpeg.npz: CIFAR-10 (JPEG q75
+    copy)``; the label of a file unknown here is the loader's description or ``unlabelled``."""
+    info = info or {}
+    f = info.get("file")
+    name = os.path.basename(str(f)) if f else "unknown file"
+    sha = info.get("sha256")
+    label = DATA_LABELS.get(sha) if isinstance(sha, str) else None
+    if label is None:
+        label = info.get("description") or "unlabelled"
+        if info.get("exact") is False and "copy" not in label:
+            label += " (not exact)"
+    return f"{name}: {label}"
+
+
+def load_run(d: str) -> dict:
+    res = _read_json(os.path.join(d, "results.json"))
+    cfg_path = os.path.join(d, "config.json")
+    cfg = _read_json(cfg_path) if os.path.exists(cfg_path) else {}
+    resolved = cfg.get("_resolved", {})
+    info = resolved.get("data") or res.get("dataset_info") or {}
+    return {"dir": d, "name": os.path.basename(os.path.normpath(d)), "results": res,
+            "config": cfg, "metrics": _read_metrics(os.path.join(d, "metrics.csv")),
+            "data": data_label(info), "data_sha256": info.get("sha256"),
+            "commit": resolved.get("framp_jax_commit") or res.get("framp_jax_commit") or "unknown",
+            "method": res.get("method", cfg.get("method", "?")),
+            "seed": res.get("seed", cfg.get("seed"))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouping and statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def _setting_key(run) -> tuple:
+    c = run["config"] or {"dataset": run["results"].get("dataset"),
+                          "rounds": run["results"].get("rounds")}
+    return tuple((k, _hashable(c.get(k))) for k in SETTING_FIELDS) + (("data", run["data"]),)
+
+
+def _hashable(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _variant_fields(run) -> dict:
+    flat = _flatten({k: v for k, v in (run["config"] or {}).items() if k != "_resolved"})
+    return {k: v for k, v in flat.items()
+            if k not in _NOT_VARIANT and k not in SETTING_FIELDS and k != "method"}
+
+
+def group_runs(runs: Sequence[dict]) -> "OrderedDict[tuple, OrderedDict[tuple, list]]":
+    """``{setting key: {(method, variant label): [runs]}}``, in the order runs first appear.
+    The variant label names the config fields (besides seed) where a run differs from the most
+    common value among the runs of its method in the setting; runs with the same config and seed as an earlier one are dropped."""
+    settings: OrderedDict = OrderedDict()
+    for r in runs:
+        settings.setdefault(_setting_key(r), []).append(r)
+    out: OrderedDict = OrderedDict()
+    for skey, rs in settings.items():
+        by_method: OrderedDict = OrderedDict()
+        for r in rs:
+            by_method.setdefault(r["method"], []).append(r)
+        rows: OrderedDict = OrderedDict()
+        for method, mrs in by_method.items():
+            fields = [_variant_fields(r) for r in mrs]
+            # fields every run records (a field added to the config later is no difference)
+            keys = sorted(set.intersection(*(set(f) for f in fields)))
+            varying = [k for k in keys if len({repr(f.get(k)) for f in fields}) > 1]
+            mode = {k: Counter(repr(f.get(k)) for f in fields).most_common(1)[0][0]
+                    for k in varying}
+            seen = set()
+            for r, f in zip(mrs, fields):
+                shown = [k for k in varying if repr(f.get(k)) != mode[k]]
+                label = ", ".join(f"{k}={_fmt_value(f.get(k))}" for k in shown)
+                ident = (label, tuple(repr(f.get(k)) for k in varying), r["seed"])
+                if ident in seen:
+                    r["duplicate"] = True
+                    continue
+                seen.add(ident)
+                rows.setdefault((method, label, tuple(repr(f.get(k)) for k in varying)),
+                                []).append(r)
+        out[skey] = OrderedDict(((m, lab), v) for (m, lab, _), v in rows.items())
+    return out
+
+
+def _fmt_value(v) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (tuple, list)):
+        return "(" + ",".join(_fmt_value(x) for x in v) + ")"
+    return str(v)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None, int]:
+    """``(mean, sample std with ddof=1 or None for one value, n)`` of the finite values."""
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], np.float64)
+    if v.size == 0:
+        return float("nan"), None, 0
+    return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else None), int(v.size)
+
+
+def _cell(values, scale=100.0, digits=2) -> str:
+    m, s, n = mean_std(values)
+    if n == 0:
+        return "–"
+    return f"{scale * m:.{digits}f}" + ("" if s is None else f" ± {scale * s:.{digits}f}")
+
+
+def _final(run, split, b):
+    v = run["results"].get("final", {}).get(split, {}).get(b)
+    return None if v is None else float(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------------------------
+
+
+def _budget_text(c) -> str:
+    from fractions import Fraction
+    lv = c.get("budget_levels")
+    if not lv:
+        return "?"
+    names = [str(Fraction(float(x)).limit_denominator(4096)) for x in lv]
+    dist = c.get("budget_dist") or []
+    return ", ".join(names) + (f" (shares {':'.join(_fmt_value(x) for x in dist)})" if dist else "")
+
+
+def _setting_title(skey) -> str:
+    c = dict(skey)
+    vision = c.get("model") in ("cnn", "resnet18")
+    parts = [f"{c.get('dataset')}", f"model {c.get('model')}",
+             f"{c.get('num_clients')} clients, {c.get('clients_per_round')} per round",
+             f"{c.get('rounds')} rounds", f"{c.get('local_steps')} local steps of batch "
+             f"{c.get('batch_size')}"]
+    if vision:
+        part = c.get("partition")
+        if part in ("dirichlet", "balanced_dirichlet"):
+            part += f" alpha={_fmt_value(c.get('alpha'))}"
+        elif part == "shards":
+            part += f" {c.get('classes_per_client')} classes per client"
+        parts.append(f"{part}, test prior {c.get('test_prior')}")
+    else:
+        parts.append(f"graph partition {c.get('graph_partition')}")
+    parts.append(f"budgets {_budget_text(c)}")
+    if c.get("heldout_frac"):
+        parts.append(f"heldout_frac={_fmt_value(c.get('heldout_frac'))}")
+    return "; ".join(parts)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def _row_name(method, label):
+    return f"{method}" + (f" ({label})" if label else "")
+
+
+def _seed_text(rs):
+    return ", ".join(str(r["seed"]) for r in rs)
+
+
+def _commits(rs):
+    cs = sorted({r["commit"] for r in rs})
+    return ", ".join(c if c == "unknown" else c[:10] + ("+dirty" if c.endswith("+dirty") else "")
+                     for c in cs)
+
+
+def _accuracy_rows(rows, split_prefix=""):
+    out = []
+    for (method, label), rs in rows.items():
+        cells = [_row_name(method, label), str(len(rs)), _seed_text(rs)]
+        for split in ("local", "union"):
+            cells += [_cell([_final(r, split_prefix + split, b) for r in rs]) for b in BUDGETS]
+        out.append(cells)
+    return out
+
+
+def _acc_header(first="method (variant)"):
+    return ([first, "n", "seeds"] + [f"Local {b}" for b in BUDGETS]
+            + [f"Union {b}" for b in BUDGETS])
+
+
+def _reference_lines(rows, config) -> list[str]:
+    from framp_jax.reference_numbers import REFERENCES, match
+    lines, table = [], []
+    for (method, label), rs in rows.items():
+        m = match(config, method)
+        if m is None:
+            continue
+        nums, source = m
+        for key, ref in nums.items():
+            split, b = key.split("/", 1)
+            ours, _, n = mean_std([_final(r, split, b) for r in rs])
+            diff = "–" if n == 0 else f"{100 * ours - ref:+.2f}"
+            table.append([_row_name(method, label), key, _cell([_final(r, split, b) for r in rs]),
+                          f"{ref:.2f}", diff, source])
+    if table:
+        lines += ["Published numbers for this protocol (ours minus reference in points):", ""]
+        lines += _table(["method (variant)", "metric", "ours", "reference", "difference",
+                         "source"], table)
+    else:
+        from framp_jax.reference_numbers import protocol_mismatch
+        near = min(REFERENCES, key=lambda ref: len(protocol_mismatch(config, ref["protocol"])))
+        diffs = protocol_mismatch(config, near["protocol"])
+        lines.append("No reference for this protocol: the published numbers (SPEC §3.2, §3.3) "
+                     "are for the FIARSE protocol; this setting differs in "
+                     + "; ".join(diffs[:6]) + ("; ..." if len(diffs) > 6 else "") + ".")
+    return lines
+
+
+def _mb(x):
+    return None if x is None else x / 1e6
+
+
+def _comm_and_time_rows(rows):
+    out, any_comm = [], False
+    for (method, label), rs in rows.items():
+        cells = [_row_name(method, label), str(len(rs))]
+        for col in ("comm/down_bytes", "comm/up_bytes", "comm/mask_bytes"):
+            per_run = []
+            for r in rs:
+                vals = [row[col] for row in r["metrics"]
+                        if isinstance(row.get(col), float) and math.isfinite(row[col])]
+                per_run.append(_mb(float(np.mean(vals))) if vals else None)
+            any_comm |= any(v is not None for v in per_run)
+            cells.append(_cell(per_run, scale=1.0, digits=3))
+        cells.append(_cell([r["results"].get("wall_s", float("nan")) / max(r["results"].get(
+            "rounds", 1), 1) for r in rs], scale=1.0, digits=2))
+        out.append(cells)
+    return out, any_comm
+
+
+def _unseen_budget_rows(rows):
+    out = []
+    labels = sorted({b for rs in rows.values() for r in rs
+                     for b in r["results"].get("unseen_budgets", {})}, key=_budget_value)
+    if not labels:
+        return labels, out
+    for (method, label), rs in rows.items():
+        if not any(r["results"].get("unseen_budgets") for r in rs):
+            continue
+        cells = [_row_name(method, label), str(len(rs))]
+        for split in ("local", "union"):
+            cells += [_cell([r["results"].get("unseen_budgets", {}).get(b, {}).get(split)
+                             for r in rs]) for b in labels]
+        out.append(cells)
+    return labels, out
+
+
+def _budget_value(label: str) -> float:
+    try:
+        a, _, b = label.partition("/")
+        return float(a) / float(b or 1)
+    except ValueError:
+        return float("inf")
+
+
+def write_report(paths: Sequence[str], out_dir: str) -> str:
+    """Writes ``out_dir/REPORT.md`` and its plots for the runs under ``paths``; returns the
+    path of REPORT.md."""
+    done, unfinished = find_runs(paths)
+    runs = [load_run(d) for d in done]
+    os.makedirs(out_dir, exist_ok=True)
+    groups = group_runs(runs)
+    md = ["# framp_jax results", "",
+          f"{len(runs)} finished runs from {', '.join(paths)}. Accuracies in %: the mean over "
+          "seeds of each run's results.json `final` value, ± the sample standard deviation "
+          "(ddof = 1) where there are 2 or more seeds (n = number of seeds). Local = mean "
+          "over clients of their own test set's accuracy (per budget: over the clients of that "
+          "budget; mean: over all clients); Union = accuracy on the union of all clients' test "
+          "sets (per budget; mean: over the budgets).", ""]
+    notes = []
+    for i, (skey, rows) in enumerate(groups.items(), 1):
+        c = dict(skey)
+        first = next(iter(rows.values()))[0]
+        md += [f"## {i}. {_setting_title(skey)}", "",
+               f"Data: {c['data']}. framp_jax commit: {_commits([r for rs in rows.values() for r in rs])}.", ""]
+        md += _table(_acc_header() + ["data", "commit", "runs"],
+                     [cells + [c["data"], _commits(rs), ", ".join(r["name"] for r in rs)]
+                      for cells, rs in zip(_accuracy_rows(rows), rows.values())])
+        md += [""] + _reference_lines(rows, first["config"] or {}) + [""]
+        if any(_final(r, "unseen/local", "mean") is not None for rs in rows.values() for r in rs):
+            md += ["Unseen clients (held out of training, evaluated zero-shot):", ""]
+            md += _table(_acc_header(), [cells for cells, rs in zip(
+                _accuracy_rows(rows, "unseen/"), rows.values())
+                if any(_final(r, "unseen/local", "mean") is not None for r in rs)]) + [""]
+        labels, ub = _unseen_budget_rows(rows)
+        if ub:
+            md += ["Unseen budgets (every trained client's model at budgets never used in "
+                   "training, zero-shot; mean over the trained clients):", ""]
+            md += _table(["method (variant)", "n"] + [f"Local {b}" for b in labels]
+                         + [f"Union {b}" for b in labels], ub) + [""]
+        ct, any_comm = _comm_and_time_rows(rows)
+        if any_comm:
+            md += ["Communication per round (MB, metrics.csv `comm/*`: the bytes of the "
+                   "evaluated rounds, averaged) and wall time per round (s, results.json "
+                   "`wall_s` / rounds: the whole simulated round with evaluations):", ""]
+            md += _table(["method (variant)", "n", "down MB", "up MB", "mask MB",
+                          "wall s/round"], ct) + [""]
+        else:
+            md += ["Wall time per round (s, results.json `wall_s` / rounds; no bytes "
+                   "communicated are recorded for these runs):", ""]
+            md += _table(["method (variant)", "n", "wall s/round"],
+                         [[x[0], x[1], x[-1]] for x in ct]) + [""]
+        md += _plots(i, skey, rows, out_dir, notes)
+    if unfinished:
+        md += ["## Unfinished or failed runs", ""]
+        for d in unfinished:
+            err = os.path.join(d, "error.txt")
+            why = open(err).read().strip() if os.path.exists(err) else "no results.json yet"
+            md.append(f"- `{d}`: {why}")
+        md.append("")
+    dups = [r["dir"] for r in runs if r.get("duplicate")]
+    md += ["## Notes", "",
+           "- Server time per round is not recorded separately from the clients' time; the "
+           "wall time above is the whole round.",
+           "- The mask-reuse CDF (for each parameter, the fraction of (client, round) masks "
+           "that keep it) is not recorded during training, so it is not plotted."]
+    if notes:
+        md.append(f"- Setting(s) {', '.join(map(str, notes))}: results.json holds no per-client "
+                  "accuracies (runs made before they were recorded), so there is no per-client "
+                  "accuracy CDF.")
+    if dups:
+        md.append("- Left out as repeats of a run with the same config and seed: "
+                  + ", ".join(f"`{d}`" for d in dups))
+    path = os.path.join(out_dir, "REPORT.md")
+    with open(path, "w") as f:
+        f.write("\n".join(md) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------
+
+
+def _figure(w, h):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(w, h), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _plots(i, skey, rows, out_dir, notes) -> list[str]:
+    title = dict(skey)["dataset"]
+    md = []
+    names = [_row_name(m, lab) for (m, lab) in rows]
+    # accuracy per budget, error bars = sample std over seeds
+    fig = _figure(max(8, 1.2 * len(names) + 6), 4)
+    axes = fig.subplots(1, 2, sharey=True)
+    width = 0.8 / max(len(names), 1)
+    x = np.arange(len(BUDGETS))
+    for ax, split in zip(axes, ("local", "union")):
+        for j, rs in enumerate(rows.values()):
+            ms = [mean_std([_final(r, split, b) for r in rs]) for b in BUDGETS]
+            ax.bar(x + (j - (len(names) - 1) / 2) * width, [100 * m for m, _, _ in ms], width,
+                   yerr=[100 * (s or 0.0) for _, s, _ in ms], capsize=2, label=names[j])
+        ax.set_xticks(x, list(BUDGETS))
+        ax.set_title(f"{split.capitalize()} ({title})")
+        ax.set_xlabel("budget")
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fn = f"setting{i}_budgets.png"
+    fig.savefig(os.path.join(out_dir, fn))
+    md += [f"![accuracy per budget]({fn})", ""]
+    # Local / Union mean against rounds
+    fig = _figure(11, 4)
+    axes = fig.subplots(1, 2, sharey=True)
+    drawn = False
+    for ax, split in zip(axes, ("local", "union")):
+        for name, rs in zip(names, rows.values()):
+            series = [{row["round"]: row.get(f"{split}/mean") for row in r["metrics"]
+                       if isinstance(row.get(f"{split}/mean"), float)} for r in rs]
+            series = [s for s in series if s]
+            if not series:
+                continue
+            common = sorted(set.intersection(*(set(s) for s in series)))
+            if not common:
+                continue
+            v = 100 * np.array([[s[t] for t in common] for s in series])
+            m = v.mean(0)
+            (line,) = ax.plot(common, m, label=f"{name} (n={len(series)})")
+            if len(series) > 1:
+                sd = v.std(0, ddof=1)
+                ax.fill_between(common, m - sd, m + sd, alpha=0.2, color=line.get_color())
+            drawn = True
+        ax.set_title(f"{split.capitalize()} mean ({title})")
+        ax.set_xlabel("round")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    if drawn:
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        fn = f"setting{i}_rounds.png"
+        fig.savefig(os.path.join(out_dir, fn))
+        md += [f"![Local and Union mean against rounds (band: ±1 sample std over seeds)]({fn})",
+               ""]
+    # per-client accuracy CDF per budget
+    have = [(name, rs) for name, rs in zip(names, rows.values())
+            if any("per_client" in r["results"] for r in rs)]
+    if have:
+        levels = [b for b in BUDGETS if b != "mean"]
+        fig = _figure(3.2 * len(levels), 3.4)
+        axes = fig.subplots(1, len(levels), sharey=True)
+        for ax, b in zip(axes, levels):
+            for name, rs in have:
+                accs = []
+                for r in rs:
+                    pc = r["results"].get("per_client")
+                    if not pc:
+                        continue
+                    held = set(pc.get("heldout", []))
+                    for cid, (bud, acc) in enumerate(zip(pc["budget"], pc["local"])):
+                        if cid not in held and acc is not None and _budget_label(bud) == b:
+                            accs.append(100 * acc)
+                if accs:
+                    xs = np.sort(accs)
+                    ax.step(xs, np.arange(1, len(xs) + 1) / len(xs), where="post", label=name)
+            ax.set_title(f"budget {b}")
+            ax.set_xlabel("client local accuracy (%)")
+            ax.grid(True, alpha=0.3)
+        axes[0].set_ylabel("fraction of clients")
+        axes[-1].legend(fontsize=6)
+        fig.tight_layout()
+        fn = f"setting{i}_client_cdf.png"
+        fig.savefig(os.path.join(out_dir, fn))
+        md += [f"![per-client Local accuracy CDF per budget, pooled over seeds]({fn})", ""]
+    else:
+        notes.append(i)
+    return md
+
+
+def _budget_label(b) -> str:
+    from fractions import Fraction
+    return str(Fraction(float(b)).limit_denominator(4096))
+
+
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(description="framp_jax report over run and sweep directories")
+    ap.add_argument("runs", nargs="+", help="run directories or directories holding them")
+    ap.add_argument("--out", required=True, help="output directory (REPORT.md, plots)")
+    a = ap.parse_args(argv)
+    print(f"report: {write_report(a.runs, a.out)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,423 @@
+"""Sweeps: many ``framp-jax train`` runs from one sweep file, resumable after any interruption.
+
+``framp-jax sweep --sweep experiments/sweeps/NAME.py --workdir runs/NAME [--jobs N]``
+
+A sweep file is a Python file with ``get_sweep()`` returning a list of :class:`Run` (a name, a
+preset file and ``--config.KEY=VALUE`` overrides), usually built with :func:`grid` (every
+variant x every seed) and :func:`ablations` (one change at a time from a base). Preset paths are
+relative to the sweep file::
+
+    from framp_jax.sweep import grid
+
+    def get_sweep():
+        return grid({"fedavg": "../configs/fedavg_cifar10_cpu.py",
+                     "framp_width": ("../configs/framp_cifar10_cpu.py",
+                                     {"framp.extraction": "width"})},
+                    seeds=(0, 1, 2))
+
+Every run's resolved config is validated before the first run starts (a bad entry stops the
+sweep with one line naming the run and the field). Each run is its own run directory
+``<workdir>/<name>``, trained by a ``python -m framp_jax.cli train`` subprocess (its output in
+``<name>/train.log``). The state of the sweep is read from those directories each time, so
+re-running the same command after an interruption (even ``kill -9``) continues where it stopped:
+
+- finished (``results.json`` of the same config hash and rounds): skipped;
+- checkpoints present: resumed (``--resume``);
+- failed: ``<name>/error.txt`` holds the error, ``<workdir>/status.tsv`` a line, and the sweep
+  goes on (the next invocation tries the run again).
+
+``<workdir>/sweep.json`` records the sweep (runs, overrides, config hashes, commands).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from framp_jax.errors import FrampError
+
+__all__ = ["Run", "grid", "ablations", "sibling_module", "load_sweep", "resolve", "run_sweep", "SweepError",
+           "run_state", "format_override"]
+
+SWEEP_JSON = "sweep.json"
+STATUS_TSV = "status.tsv"
+ERROR_TXT = "error.txt"
+TRAIN_LOG = "train.log"
+_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
+
+
+class SweepError(FrampError, ValueError):
+    """A sweep file or one of its runs is not usable (named in the message)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One run of a sweep: its directory name, preset file and config overrides."""
+    name: str
+    preset: str
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _variant(spec) -> tuple[str, dict]:
+    if isinstance(spec, str):
+        return spec, {}
+    preset, overrides = spec
+    return preset, dict(overrides)
+
+
+def grid(variants: Mapping[str, Any], seeds: Sequence[int] = (0, 1, 2),
+         axes: Mapping[str, Sequence[Any]] | None = None, common: Mapping[str, Any] | None = None
+         ) -> list[Run]:
+    """Every variant x every seed (x every combination of ``axes``).
+
+    ``variants`` maps a name to a preset path or to ``(preset path, {overrides})``; ``axes`` maps
+    config keys to the values to try (cartesian product); ``common`` overrides apply to all.
+    Run names: ``<variant>[_<key><value>...]_seed<s>`` (the key's last dotted part)."""
+    axes = dict(axes or {})
+    out = []
+    for vname, spec in variants.items():
+        preset, ov = _variant(spec)
+        for combo in itertools.product(*axes.values()):
+            extra = dict(zip(axes, combo))
+            suffix = "".join(f"_{k.rsplit('.', 1)[-1]}{_name_value(v)}" for k, v in extra.items())
+            for s in seeds:
+                out.append(Run(f"{vname}{suffix}_seed{s}", preset,
+                               {**(common or {}), **ov, **extra, "seed": s}))
+    return out
+
+
+def ablations(name: str, preset: str, changes: Mapping[str, Mapping[str, Any]],
+              seeds: Sequence[int] = (0, 1, 2), base: Mapping[str, Any] | None = None
+              ) -> list[Run]:
+    """One-at-a-time ablations: the base (``preset`` + ``base`` overrides) and, for each
+    ``label -> {overrides}`` of ``changes``, the base with only that change; every one per seed.
+    Run names: ``<name>_seed<s>`` and ``<name>_<label>_seed<s>``."""
+    variants = {name: (preset, dict(base or {}))}
+    for label, ov in changes.items():
+        variants[f"{name}_{label}"] = (preset, {**(base or {}), **ov})
+    return grid(variants, seeds)
+
+
+def sibling_module(anchor_file: str, filename: str):
+    """The module of the file ``filename`` in the directory of ``anchor_file`` (sweep files
+    share variant lists this way; they are loaded by path, not imported)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(anchor_file)), filename)
+    spec = importlib.util.spec_from_file_location(
+        "framp_sweep_" + re.sub(r"\W", "_", os.path.splitext(filename)[0]), path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _name_value(v) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (tuple, list)):
+        return "-".join(_name_value(x) for x in v)
+    return str(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and resolving
+# ---------------------------------------------------------------------------------------------
+
+
+def load_sweep(path: str) -> list[Run]:
+    """The runs of a sweep file, preset paths made absolute (relative to the sweep file)."""
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise SweepError(f"sweep file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(
+        "framp_sweep_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0]), path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not hasattr(mod, "get_sweep"):
+        raise SweepError(f"sweep file {path} defines no get_sweep() (it must return a list of "
+                         "framp_jax.sweep.Run)")
+    runs = list(mod.get_sweep())
+    if not runs:
+        raise SweepError(f"sweep file {path}: get_sweep() returned no runs")
+    here = os.path.dirname(path)
+    out, seen = [], set()
+    for r in runs:
+        if not isinstance(r, Run):
+            raise SweepError(f"sweep file {path}: get_sweep() returned {r!r}; each entry must be "
+                             "a framp_jax.sweep.Run")
+        if not _NAME_OK.match(r.name):
+            raise SweepError(f"sweep run {r.name!r}: a run name must be a plain directory name "
+                             "(letters, digits and . _ + = -)")
+        if r.name in seen:
+            raise SweepError(f"sweep run {r.name!r}: the name is used twice in {path}")
+        seen.add(r.name)
+        out.append(Run(r.name, os.path.normpath(os.path.join(here, r.preset)), dict(r.overrides)))
+    return out
+
+
+def _load_preset(path: str):
+    spec = importlib.util.spec_from_file_location(
+        os.path.splitext(os.path.basename(path))[0], path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def resolve(run: Run):
+    """The run's config: its preset with its overrides applied, validated. Raises
+    :class:`SweepError` naming the run (and the field, for an invalid value)."""
+    from framp_jax import config as C
+    if not os.path.isfile(run.preset):
+        raise SweepError(f"sweep run {run.name!r}: preset {run.preset} does not exist")
+    c = _load_preset(run.preset)
+    for key, value in run.overrides.items():
+        node, parts = c, key.split(".")
+        for p in parts[:-1]:
+            if p not in node or not hasattr(node[p], "keys"):
+                raise SweepError(f"sweep run {run.name!r}: config has no field {key!r}")
+            node = node[p]
+        if parts[-1] not in node:
+            raise SweepError(f"sweep run {run.name!r}: config has no field {key!r}")
+        if isinstance(value, list):
+            value = tuple(value)
+        try:
+            setattr(node, parts[-1], value)
+        except (TypeError, ValueError) as e:
+            raise SweepError(f"sweep run {run.name!r}: config.{key}={value!r}: {e}") from None
+    try:
+        C.validate(c)
+    except C.ConfigError as e:
+        raise SweepError(f"sweep run {run.name!r}: {e}") from None
+    return c
+
+
+def format_override(key: str, value) -> str:
+    """``--config.KEY=VALUE`` as ml_collections' config flags parse it back to ``value``."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, (tuple, list)):
+        text = repr(tuple(value))
+    elif isinstance(value, float):
+        text = repr(value)
+    else:
+        text = str(value)
+    return f"--config.{key}={text}"
+
+
+def train_command(run: Run, workdir: str, resume: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "framp_jax.cli", "train", "--config", run.preset,
+           "--workdir", workdir, "--noprogress"]
+    cmd += [format_override(k, v) for k, v in run.overrides.items()]
+    return cmd + (["--resume"] if resume else [])
+
+
+# ---------------------------------------------------------------------------------------------
+# State of a run, read from its directory
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def run_state(rundir: str, c) -> tuple[str, str]:
+    """``(state, detail)`` of a run directory for the config ``c``: ``finished`` (results.json of
+    this config hash and rounds), ``other`` (a finished run of another config), ``partial``
+    (checkpoints to resume), or ``new``."""
+    from framp_jax.simulate import _has_checkpoint_dirs, config_hash, hashed_config
+    res = _read_json(os.path.join(rundir, "results.json"))
+    if res is not None:
+        cfg = _read_json(os.path.join(rundir, "config.json"))
+        if cfg is None:
+            return "other", "it holds results.json without a readable config.json"
+        same = config_hash(cfg) == config_hash(c)
+        rounds = int(res.get("rounds", -1))
+        if same and rounds == int(c.rounds):
+            return "finished", ""
+        if not (same and rounds < int(c.rounds) and _has_checkpoint_dirs(rundir)):
+            from framp_jax.rundir import config_diff
+            changed = config_diff(hashed_config(cfg), hashed_config(c))
+            if rounds != int(c.rounds):
+                changed.append(f"rounds: {rounds} -> {c.rounds}")
+            return "other", ("it holds a finished run of a different config (changed: "
+                             f"{'; '.join(changed)}); move it away or rename the sweep run")
+    if _has_checkpoint_dirs(rundir):
+        return "partial", ""
+    return "new", ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+
+def _die_with_parent():
+    """In the child: get SIGKILL when the sweep process dies (Linux), so a killed sweep leaves
+    no orphan training behind."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _hms(s: float) -> str:
+    s = int(round(max(s, 0)))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _error_from_log(log_path: str, rc: int) -> str:
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = [ln.rstrip() for ln in f.readlines()[-200:] if ln.strip()]
+    except OSError:
+        lines = []
+    for ln in reversed(lines):
+        if ln.startswith("framp-jax: "):
+            return ln[len("framp-jax: "):]
+    tail = [ln for ln in lines if not ln.startswith(" ")][-1:] or [""]
+    return f"exit status {rc}: {tail[0]}".strip()
+
+
+def _summary(name: str, res: dict) -> str:
+    f = res.get("final", {})
+    parts = []
+    for split in ("local", "union"):
+        if "mean" in f.get(split, {}):
+            parts.append(f"{split} mean {100 * f[split]['mean']:.2f}")
+    return (f"{name}: {res.get('method')} on {res.get('dataset')} seed {res.get('seed')}, "
+            f"{res.get('rounds')} rounds, {', '.join(parts)}, {res.get('wall_s', 0):.0f} s")
+
+
+class _Status:
+    def __init__(self, workdir):
+        self.path = os.path.join(workdir, STATUS_TSV)
+
+    def write(self, run: str, event: str, detail: str = ""):
+        line = "\t".join([time.strftime("%Y-%m-%dT%H:%M:%S"), run, event,
+                          " ".join(detail.split())])
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+def run_sweep(sweep_file: str, workdir: str, jobs: int = 1, log=print,
+              env: Mapping[str, str] | None = None) -> dict:
+    """Runs (or continues) the sweep; returns ``{"done", "failed", "skipped", "runs"}`` counts and
+    the failed runs' errors. See the module docstring."""
+    from framp_jax.rundir import WorkdirLock, write_json_atomic
+    from framp_jax.simulate import config_hash
+    if jobs < 1:
+        raise SweepError(f"--jobs={jobs} is not allowed: 1 or more processes")
+    runs = load_sweep(sweep_file)
+    configs = {r.name: resolve(r) for r in runs}  # every run validated before the first starts
+    workdir = os.path.abspath(workdir)
+    lock = WorkdirLock(workdir).acquire()  # one sweep per workdir
+    try:
+        record = {"sweep_file": os.path.abspath(sweep_file), "runs": [
+            {"name": r.name, "preset": r.preset, "overrides": dict(r.overrides),
+             "config_hash": config_hash(configs[r.name]), "rounds": configs[r.name].rounds,
+             "command": train_command(r, os.path.join(workdir, r.name), False)[1:]}
+            for r in runs]}
+        write_json_atomic(os.path.join(workdir, SWEEP_JSON), record)
+        status = _Status(workdir)
+        return _schedule(runs, configs, workdir, jobs, log, status, env)
+    finally:
+        lock.release()
+
+
+def _schedule(runs, configs, workdir, jobs, log, status, env) -> dict:
+    t0 = time.time()
+    todo, skipped, failed, done, errors = [], 0, 0, 0, {}
+    for r in runs:
+        rd = os.path.join(workdir, r.name)
+        state, detail = run_state(rd, configs[r.name])
+        if state == "finished":
+            skipped += 1
+        elif state == "other":
+            failed += 1
+            errors[r.name] = detail
+            _record_failure(rd, r.name, detail, status, log)
+        else:
+            todo.append((r, state == "partial"))
+    total = len(runs)
+    log(f"sweep: {total} runs, {skipped} already finished, {len(todo)} to run"
+        + (f", {failed} not runnable" if failed else "") + f", {jobs} at a time")
+    durations: list[float] = []
+    running: dict = {}  # name -> (Popen, run, start, log file)
+    queue = list(todo)
+
+    def progress():
+        left = len(queue) + len(running)
+        eta = ""
+        if durations and left:
+            eta = f", about {_hms(sum(durations) / len(durations) * left / min(jobs, left))} left"
+        log(f"sweep: {done} done, {failed} failed, {skipped} skipped, {left} left; "
+            f"elapsed {_hms(time.time() - t0)}{eta}")
+
+    child_env = dict(os.environ if env is None else env)
+    while queue or running:
+        while queue and len(running) < jobs:
+            r, resume = queue.pop(0)
+            rd = os.path.join(workdir, r.name)
+            os.makedirs(rd, exist_ok=True)
+            try:
+                os.remove(os.path.join(rd, ERROR_TXT))
+            except FileNotFoundError:
+                pass
+            logf = open(os.path.join(rd, TRAIN_LOG), "a")
+            cmd = train_command(r, rd, resume)
+            logf.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(cmd)}\n")
+            logf.flush()
+            p = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=child_env,
+                                 preexec_fn=_die_with_parent, cwd=os.getcwd())
+            status.write(r.name, "resume" if resume else "start", f"pid {p.pid}")
+            log(f"sweep: {'resuming' if resume else 'starting'} {r.name}")
+            running[r.name] = (p, r, time.time(), logf)
+        time.sleep(0.2)
+        for name in list(running):
+            p, r, start, logf = running[name]
+            rc = p.poll()
+            if rc is None:
+                continue
+            logf.close()
+            del running[name]
+            rd = os.path.join(workdir, name)
+            res = _read_json(os.path.join(rd, "results.json"))
+            if rc == 0 and res is not None:
+                done += 1
+                durations.append(time.time() - start)
+                status.write(name, "done", f"{time.time() - start:.1f} s")
+                log("sweep: " + _summary(name, res))
+            else:
+                failed += 1
+                errors[name] = _error_from_log(os.path.join(rd, TRAIN_LOG), rc)
+                _record_failure(rd, name, errors[name], status, log)
+            progress()
+    if not todo:
+        progress()
+    return {"runs": total, "done": done, "failed": failed, "skipped": skipped, "errors": errors}
+
+
+def _record_failure(rundir, name, msg, status, log):
+    os.makedirs(rundir, exist_ok=True)
+    with open(os.path.join(rundir, ERROR_TXT), "w") as f:
+        f.write(msg + "\n")
+    status.write(name, "failed", msg)
+    log(f"sweep: {name} FAILED: {msg} (log: {os.path.join(rundir, TRAIN_LOG)})")
+
+
+def validate_sweep(sweep_file: str) -> list[tuple[Run, Any]]:
+    """``[(run, resolved config)]`` of a sweep file, every config validated; nothing runs."""
+    return [(r, resolve(r)) for r in load_sweep(sweep_file)]

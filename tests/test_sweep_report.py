@@ -1,0 +1,322 @@
+"""framp-jax sweep and framp-jax report: the committed sweep files resolve and validate; a bad
+entry stops a sweep before anything runs, naming the run and the field; an interrupted sweep
+(kill -9) continues where it stopped without running a finished run twice, records a failing
+run and goes on, and gives the same numbers as the runs made one by one; report tables against
+hand-computed means and sample standard deviations."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from framp_jax import config as C
+from framp_jax import reference_numbers as R
+from framp_jax import report as REP
+from framp_jax import sweep as S
+
+from conftest import TINY_FIELDS
+
+SWEEPS = Path(__file__).resolve().parents[1] / "experiments" / "sweeps"
+SWEEP_FILES = sorted(p.name for p in SWEEPS.glob("*.py"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Committed sweep files
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_reproduction_sweeps_are_committed():
+    for name in ("cifar10_cpu.py", "cifar100_cpu_a005.py", "cifar100_cpu_a03.py", "cora.py",
+                 "citeseer.py", "unseen_cifar10.py"):
+        assert name in SWEEP_FILES, name
+
+
+@pytest.mark.parametrize("name", SWEEP_FILES)
+def test_sweep_file_resolves_and_validates(name):
+    resolved = S.validate_sweep(str(SWEEPS / name))  # validates every config; runs nothing
+    assert resolved
+    variants = {}
+    for run, c in resolved:
+        assert run.name.endswith(f"_seed{c.seed}"), run.name
+        variants.setdefault(run.name.rsplit("_seed", 1)[0], set()).add(c.seed)
+    assert all(seeds == {0, 1, 2} for seeds in variants.values()), variants
+    cfgs = [c for _, c in resolved]
+    if name.startswith("cifar100_cpu_a"):
+        alpha = {"cifar100_cpu_a005.py": 0.05, "cifar100_cpu_a03.py": 0.3}[name]
+        assert {c.dataset for c in cfgs} == {"cifar100"} and {c.alpha for c in cfgs} == {alpha}
+    if name == "citeseer.py":
+        assert {c.dataset for c in cfgs} == {"citeseer"}
+    if name in ("cifar10_cpu.py", "cora.py", "citeseer.py"):
+        assert {c.method for c in cfgs} == set(C.METHODS)
+    if name.startswith("cifar"):
+        assert {c.framp.extraction for c in cfgs if c.method == "framp"} == {"topk", "width"}
+    if name == "unseen_cifar10.py":
+        for c in cfgs:  # clients held out at every budget level
+            assert c.heldout_frac > 0 and all(len(ids) >= 1 for ids in C.heldout_ids(c))
+
+
+def test_grid_and_ablations_name_and_override_runs():
+    runs = S.grid({"a": "p.py", "b": ("p.py", {"lr": 0.1})}, seeds=(0, 1),
+                  axes={"framp.lam": (0.0, 1.0)}, common={"rounds": 5})
+    assert [r.name for r in runs] == ["a_lam0_seed0", "a_lam0_seed1", "a_lam1_seed0",
+                                      "a_lam1_seed1", "b_lam0_seed0", "b_lam0_seed1",
+                                      "b_lam1_seed0", "b_lam1_seed1"]
+    assert runs[-1].overrides == {"rounds": 5, "lr": 0.1, "framp.lam": 1.0, "seed": 1}
+    abl = S.ablations("framp", "p.py", {"nolam": {"framp.lam": 0.0}}, seeds=(3,),
+                      base={"rounds": 7})
+    assert [(r.name, r.overrides) for r in abl] == [
+        ("framp_seed3", {"rounds": 7, "seed": 3}),
+        ("framp_nolam_seed3", {"rounds": 7, "framp.lam": 0.0, "seed": 3})]
+
+
+def test_format_override():
+    assert S.format_override("budget_levels", (1.0, 0.25)) == "--config.budget_levels=(1.0, 0.25)"
+    assert S.format_override("augment", False) == "--config.augment=false"
+    assert S.format_override("lr", 1e6) == "--config.lr=1000000.0"
+    assert S.format_override("framp.extraction", "width") == "--config.framp.extraction=width"
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a sweep
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_preset(path: Path, npz: str, **fields):
+    fields = {**TINY_FIELDS, "dataset": f"npz:{npz}", **fields}
+    path.write_text("from framp_jax.config import base_config\n\n\ndef get_config():\n"
+                    "    c = base_config()\n"
+                    f"    for k, v in {fields!r}.items():\n        setattr(c, k, v)\n"
+                    "    return c\n")
+    return path
+
+
+def _write_sweep(path: Path, variants: str):
+    path.write_text("from framp_jax.sweep import grid\n\n\ndef get_sweep():\n"
+                    f"    return grid({variants}, seeds=(0,))\n")
+    return str(path)
+
+
+def _cli(*args, timeout=600, **kw):
+    return subprocess.run([sys.executable, "-m", "framp_jax.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+def test_bad_entry_stops_the_sweep_before_any_run(tiny_npz, tmp_path):
+    _write_preset(tmp_path / "tiny.py", tiny_npz)
+    sw = _write_sweep(tmp_path / "sw.py", '{"ok": "tiny.py", "neg": ("tiny.py", {"alpha": -1.0})}')
+    with pytest.raises(S.SweepError, match=r"sweep run 'neg_seed0': config\.alpha=-1\.0"):
+        S.run_sweep(sw, str(tmp_path / "runs"))
+    assert not (tmp_path / "runs" / "ok_seed0").exists()  # nothing ran
+    sw2 = _write_sweep(tmp_path / "sw2.py", '{"typo": ("tiny.py", {"framp.lamb": 1.0})}')
+    with pytest.raises(S.SweepError, match=r"'typo_seed0': config has no field 'framp.lamb'"):
+        S.validate_sweep(sw2)
+    r = _cli("sweep", "--sweep", sw, "--workdir", str(tmp_path / "runs"))
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "neg_seed0" in lines[0] and "config.alpha" in lines[0], r.stderr
+
+
+def _n_starts(rundir: Path) -> int:
+    log = rundir / S.TRAIN_LOG
+    return sum(ln.startswith("# ") for ln in log.read_text().splitlines()) if log.exists() else 0
+
+
+@pytest.mark.slow
+def test_sweep_survives_kill_and_failure_and_matches_single_runs(tiny_npz, tmp_path):
+    """Three runs: ``a`` (3 rounds), ``b`` (12 rounds, killed with the sweep after its first
+    checkpoint) and ``bad`` (lr 1e6: validates, then diverges in round 1)."""
+    from framp_jax.simulate import run as train_run
+    _write_preset(tmp_path / "tiny.py", tiny_npz, checkpoint_every=1, rounds=3)
+    sw = _write_sweep(tmp_path / "sw.py", '{"a": "tiny.py", "b": ("tiny.py", {"rounds": 12}), '
+                                          '"bad": ("tiny.py", {"lr": 1e6})}')
+    wd = tmp_path / "runs"
+    args = ["sweep", "--sweep", sw, "--workdir", str(wd), "--jobs", "1"]
+    p = subprocess.Popen([sys.executable, "-m", "framp_jax.cli", *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ck = wd / "b_seed0" / "checkpoints"
+    deadline = time.time() + 400
+    while not (ck.is_dir() and any(n.isdigit() for n in os.listdir(ck))):
+        assert p.poll() is None, p.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    time.sleep(1.0)  # the killed sweep's training child dies with it (PR_SET_PDEATHSIG)
+    assert (wd / "a_seed0" / "results.json").exists()
+    assert not (wd / "b_seed0" / "results.json").exists()  # killed mid-run
+    a_mtime = (wd / "a_seed0" / "results.json").stat().st_mtime_ns
+
+    r = _cli(*args)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # one run failed
+    out = r.stdout
+    assert "3 runs, 1 already finished, 2 to run" in out
+    assert "1 done, 1 failed, 1 skipped, 0 left" in out
+    assert (wd / "a_seed0" / "results.json").stat().st_mtime_ns == a_mtime  # not run again
+    assert _n_starts(wd / "a_seed0") == 1 and _n_starts(wd / "b_seed0") == 2
+    assert "resumed from round" in (wd / "b_seed0" / S.TRAIN_LOG).read_text()
+    err = (wd / "bad_seed0" / S.ERROR_TXT).read_text()
+    assert "NaN/Inf" in err and not (wd / "bad_seed0" / "results.json").exists()
+    status = (wd / S.STATUS_TSV).read_text().splitlines()
+    assert sum("\tbad_seed0\tfailed\t" in ln for ln in status) == 1
+    assert sum("\tb_seed0\tresume\t" in ln for ln in status) == 1
+    rec = json.loads((wd / S.SWEEP_JSON).read_text())
+    assert [x["name"] for x in rec["runs"]] == ["a_seed0", "b_seed0", "bad_seed0"]
+
+    # a third invocation has nothing left but the failing run
+    r = _cli(*args)
+    assert "3 runs, 2 already finished, 1 to run" in r.stdout and _n_starts(wd / "b_seed0") == 2
+
+    # the same runs made one by one give the same final numbers
+    for run in S.load_sweep(sw)[:2]:
+        single = train_run(S.resolve(run), str(tmp_path / "single" / run.name), progress=False,
+                           log=lambda *a, **k: None)
+        swept = json.loads((wd / run.name / "results.json").read_text())
+        for split in ("local", "union"):
+            for k, v in single["final"][split].items():
+                assert swept["final"][split][k] == pytest.approx(v, abs=1e-6), (run.name, split, k)
+        assert swept["per_client"]["local"] == pytest.approx(
+            [x for x in single["per_client"]["local"]], abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+FIARSE_C10 = {**R.FIARSE_PROTOCOL, "dataset": "cifar10", "alpha": 0.3}
+
+
+def _fake_run(root: Path, name, method, seed, local_mean, union_mean, *, local_1=0.5,
+              config=None, framp=None, sha="b10833c0ef92364dc3e645621eb69e4f2e29e1764eb6c4627790507cb9f8037a",
+              commit=None, per_client=None, unseen=None):
+    d = root / name
+    d.mkdir(parents=True)
+    cfg = C.base_config().to_dict()
+    cfg.update({"method": method, "seed": seed, **(config or {})})
+    cfg["framp"] = {**cfg["framp"], **(framp or {})}
+    cfg = json.loads(json.dumps(cfg))  # tuples -> lists, as in config.json
+    cfg["_resolved"] = {"data": {"file": "/data/cifar10/cifar10_jpeg.npz", "sha256": sha},
+                        **({"framp_jax_commit": commit} if commit else {})}
+    (d / "config.json").write_text(json.dumps(cfg))
+    final = {"local": {"1/64": 0.1, "1/16": 0.2, "1/4": 0.3, "1": local_1, "mean": local_mean},
+             "union": {"1/64": 0.1, "1/16": 0.2, "1/4": 0.3, "1": 0.4, "mean": union_mean}}
+    if unseen is not None:
+        final["unseen/local"] = {"mean": unseen}
+        final["unseen/union"] = {"mean": unseen / 2}
+    res = {"method": method, "dataset": cfg["dataset"], "seed": seed, "rounds": cfg["rounds"],
+           "final": final, "wall_s": 10.0 * cfg["rounds"], "compiles": 1}
+    if per_client:
+        res["per_client"] = per_client
+    (d / "results.json").write_text(json.dumps(res))
+    rows = ["round,local/mean,union/mean,comm/down_bytes",
+            f"10,{local_mean / 2},{union_mean / 2},1000000",
+            f"20,{local_mean},{union_mean},3000000"]
+    (d / "metrics.csv").write_text("\n".join(rows) + "\n")
+    return d
+
+
+def _table_row(md: str, first_cell: str, after: str = "") -> list[str]:
+    text = md[md.index(after):] if after else md
+    for ln in text.splitlines():
+        cells = [c.strip() for c in ln.strip().strip("|").split("|")]
+        if ln.startswith("|") and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row {first_cell!r} in\n{text[:3000]}")
+
+
+def test_report_means_stds_groups_and_references(tmp_path):
+    runs = tmp_path / "runs"
+    # FIARSE protocol, FIARSE's independent test priors: the reference applies with local columns
+    fia = {**FIARSE_C10, "test_prior": "fiarse_independent"}
+    for s, (lm, um) in enumerate([(0.50, 0.20), (0.60, 0.30), (0.70, 0.70)]):
+        _fake_run(runs, f"fiarse_s{s}", "fiarse", s, lm, um, config=fia,
+                  commit="0123456789abcdef0123")
+    _fake_run(runs, "heterofl_s0", "heterofl", 0, 0.40, 0.30, config=fia)
+    # the same method with another option: its own row, labelled by the option
+    for s, lm in enumerate([0.30, 0.50]):
+        _fake_run(runs, f"framp_s{s}", "framp", s, lm, 0.1, config=fia)
+        _fake_run(runs, f"framp_width_s{s}", "framp", s, lm + 0.1, 0.1, config=fia,
+                  framp={"extraction": "width"})
+    # another alpha: another setting, no reference
+    _fake_run(runs, "fiarse_a01", "fiarse", 0, 0.9, 0.9, config={**fia, "alpha": 0.1},
+              unseen=0.4, per_client={"budget": [1.0, 1.0, 0.25, 0.25], "heldout": [1],
+                                      "local": [0.5, 0.9, 0.25, None], "union": [0.1] * 4})
+    (tmp_path / "runs" / "unfinished").mkdir()
+    (tmp_path / "runs" / "unfinished" / "error.txt").write_text("round 1: diverged\n")
+
+    out = tmp_path / "report"
+    md = Path(REP.write_report([str(runs)], str(out))).read_text()
+    assert md.count("\n## ") == 4  # 2 settings, unfinished runs, notes
+    sections = md.split("\n## ")
+    first = next(x for x in sections if "alpha=0.3," in x.splitlines()[0])
+    second = next(x for x in sections if "alpha=0.1," in x.splitlines()[0])
+    row = _table_row(first, "fiarse")
+    header = _table_row(first, "method (variant)")
+    col = {h: i for i, h in enumerate(header)}
+    assert row[col["n"]] == "3" and row[col["seeds"]] == "0, 1, 2"
+    # local mean: 50, 60, 70 -> 60 ± 10; union mean: 20, 30, 70 -> 40 ± sqrt(0.07) = 26.46
+    assert row[col["Local mean"]] == "60.00 ± 10.00"
+    assert row[col["Union mean"]] == "40.00 ± 26.46"
+    assert row[col["Local 1/4"]] == "30.00 ± 0.00"
+    assert row[col["data"]] == "cifar10_jpeg.npz: CIFAR-10 (JPEG q75 copy)"
+    assert row[col["commit"]] == "0123456789"
+    h = _table_row(first, "heterofl")
+    assert h[col["Local mean"]] == "40.00" and h[col["n"]] == "1" and h[col["commit"]] == "unknown"
+    f1 = _table_row(first, "framp")
+    f2 = _table_row(first, "framp (framp.extraction=width)")
+    # 30, 50 -> 40 ± 14.14; 40, 60 -> 50 ± 14.14
+    assert f1[col["Local mean"]] == "40.00 ± 14.14" and f2[col["Local mean"]] == "50.00 ± 14.14"
+    # published numbers beside ours: FIARSE's local mean 77.04, global (union mean) 73.75
+    ref = _table_row(first, "fiarse", after="Published numbers")
+    assert ref[1:5] == ["local/mean", "60.00 ± 10.00", "77.04", "-17.04"]
+    ref_h = [ln for ln in first.splitlines() if ln.startswith("| heterofl | union/mean |")]
+    assert ref_h and "| 30.00 | 66.05 | -36.05 |" in ref_h[0]
+    assert "framp | local/mean" not in md  # no published FRAMP numbers
+    # the alpha=0.1 setting: no reference, unseen clients, a per-client CDF
+    assert "No reference for this protocol" in second and "alpha: 0.1 (reference 0.3)" in second
+    assert _table_row(second, "fiarse", after="Unseen clients")[col["Local mean"]] == "40.00"
+    assert "_client_cdf.png" in second and "_client_cdf.png" not in first
+    for fn in ("setting1_budgets.png", "setting1_rounds.png", "setting2_budgets.png",
+               "setting2_rounds.png"):
+        assert (out / fn).stat().st_size > 1000
+    cdf = [ln for ln in second.splitlines() if "_client_cdf.png" in ln][0]
+    assert (out / cdf[cdf.index("(") + 1:-1]).stat().st_size > 1000
+    # communication: (1 + 3) / 2 MB per round, the same in every run
+    assert _table_row(first, "fiarse", after="Communication per round")[2:4] == ["2.000 ± 0.000", "–"]
+    assert "round 1: diverged" in md
+
+
+def test_reference_match_needs_the_protocol():
+    c = {**FIARSE_C10, "test_prior": "matched"}
+    nums, source = R.match(c, "fiarse")
+    assert nums == {"union/mean": 73.75} and "SPEC §3.2" in source  # local needs the priors
+    nums, _ = R.match({**c, "test_prior": "fiarse_independent"}, "heterofl")
+    assert nums["local/1/64"] == 60.24 and nums["union/mean"] == 66.05
+    assert R.match({**c, "rounds": 150}, "fiarse") is None
+    assert R.match({**c, "model": "cnn"}, "fiarse") is None
+    assert R.match(c, "framp") is None
+    t7 = {**R.FIARSE_PROTOCOL, "dataset": "cifar100", "alpha": 0.05, "test_prior": "matched"}
+    nums, source = R.match(t7, "fedrolex")
+    assert nums["local/mean"] == 12.63 and nums["union/mean"] == 11.67 and "Table 7" in source
+    assert R.match({**t7, "budget_dist": [1, 1, 1, 1]}, "fedrolex") is None
+
+
+def test_data_labels():
+    assert REP.data_label({"file": "/x/cifar10_webp.npz", "sha256": "b7886735b05bd1c8f4d45deac6c80fc912c13e1da5261c9a88d1dfb6df6fe10a"}) \
+        == "cifar10_webp.npz: CIFAR-10 (lossless, 59,980 of 60,000 exact)"
+    assert REP.data_label({"file": "/x/mine.npz", "sha256": "00", "description": "mine.npz"}) \
+        == "mine.npz: mine.npz"
+    assert REP.data_label(None) == "unknown file: unlabelled"
+
+
+def test_mean_std_is_the_sample_std():
+    m, s, n = REP.mean_std([1.0, 2.0, 4.0, None, float("nan")])
+    assert n == 3 and m == pytest.approx(7 / 3)
+    assert s == pytest.approx(np.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2))
+    assert REP.mean_std([0.5]) == (0.5, None, 1)
