@@ -1,7 +1,7 @@
 """Report over finished runs: ``framp-jax report RUN_OR_SWEEP_DIR... --out DIR``.
 
 Finds every run directory (one holding ``results.json``) under the given paths and writes
-``DIR/REPORT.md`` and ``DIR/*.png``:
+``DIR/REPORT.md`` and its plots, ``DIR/plots/*.png``:
 
 - one section per setting (the protocol: dataset and its data file, model, clients, rounds,
   local work, partition, test prior, budgets, held-out clients), one row per method and variant
@@ -185,12 +185,17 @@ def _variant_fields(run) -> dict:
 
 
 def group_runs(runs: Sequence[dict]) -> "OrderedDict[tuple, OrderedDict[tuple, list]]":
-    """``{setting key: {(method, variant label): [runs]}}``, in the order runs first appear.
+    """``{setting key: {(method, variant label): [runs]}}``: CIFAR-10, CIFAR-100, Cora, CiteSeer,
+    then other data sets; rows in the order their runs are found.
     The variant label names the config fields (besides seed) where a run differs from the most
     common value among the runs of its method in the setting; runs with the same config and seed as an earlier one are dropped."""
     settings: OrderedDict = OrderedDict()
     for r in runs:
         settings.setdefault(_setting_key(r), []).append(r)
+    order = ("cifar10", "cifar100", "cora", "citeseer")
+    settings = OrderedDict(sorted(settings.items(), key=lambda kv: (
+        order.index(dict(kv[0])["dataset"]) if dict(kv[0])["dataset"] in order else len(order),
+        str(dict(kv[0])["dataset"]), repr(kv[0]))))
     out: OrderedDict = OrderedDict()
     for skey, rs in settings.items():
         by_method: OrderedDict = OrderedDict()
@@ -267,8 +272,8 @@ def _setting_title(skey) -> str:
     vision = c.get("model") in ("cnn", "resnet18")
     parts = [f"{c.get('dataset')}", f"model {c.get('model')}",
              f"{c.get('num_clients')} clients, {c.get('clients_per_round')} per round",
-             f"{c.get('rounds')} rounds", f"{c.get('local_steps')} local steps of batch "
-             f"{c.get('batch_size')}"]
+             f"{c.get('rounds')} rounds", f"{c.get('local_steps')} local steps"
+             + (f" of batch {c.get('batch_size')}" if vision else " (full batch)")]
     if vision:
         part = c.get("partition")
         if part in ("dirichlet", "balanced_dirichlet"):
@@ -399,7 +404,7 @@ def write_report(paths: Sequence[str], out_dir: str) -> str:
     path of REPORT.md."""
     done, unfinished = find_runs(paths)
     runs = [load_run(d) for d in done]
-    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
     groups = group_runs(runs)
     md = ["# framp_jax results", "",
           f"{len(runs)} finished runs from {', '.join(paths)}. Accuracies in %: the mean over "
@@ -493,8 +498,10 @@ def _plots(i, skey, rows, out_dir, notes) -> list[str]:
     for ax, split in zip(axes, ("local", "union")):
         for j, rs in enumerate(rows.values()):
             ms = [mean_std([_final(r, split, b) for r in rs]) for b in BUDGETS]
+            has_std = any(s is not None for _, s, _ in ms)  # one seed: no error bar
             ax.bar(x + (j - (len(names) - 1) / 2) * width, [100 * m for m, _, _ in ms], width,
-                   yerr=[100 * (s or 0.0) for _, s, _ in ms], capsize=2, label=names[j])
+                   yerr=[100 * (s or 0.0) for _, s, _ in ms] if has_std else None, capsize=2,
+                   label=names[j])
         ax.set_xticks(x, list(BUDGETS))
         ax.set_title(f"{split.capitalize()} ({title})")
         ax.set_xlabel("budget")
@@ -502,7 +509,7 @@ def _plots(i, skey, rows, out_dir, notes) -> list[str]:
     axes[0].set_ylabel("accuracy (%)")
     axes[1].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fn = f"setting{i}_budgets.png"
+    fn = f"plots/setting{i}_budgets.png"
     fig.savefig(os.path.join(out_dir, fn))
     md += [f"![accuracy per budget]({fn})", ""]
     # Local / Union mean against rounds
@@ -533,7 +540,7 @@ def _plots(i, skey, rows, out_dir, notes) -> list[str]:
     if drawn:
         axes[1].legend(fontsize=7)
         fig.tight_layout()
-        fn = f"setting{i}_rounds.png"
+        fn = f"plots/setting{i}_rounds.png"
         fig.savefig(os.path.join(out_dir, fn))
         md += [f"![Local and Union mean against rounds (band: ±1 sample std over seeds)]({fn})",
                ""]
@@ -564,7 +571,7 @@ def _plots(i, skey, rows, out_dir, notes) -> list[str]:
         axes[0].set_ylabel("fraction of clients")
         axes[-1].legend(fontsize=6)
         fig.tight_layout()
-        fn = f"setting{i}_client_cdf.png"
+        fn = f"plots/setting{i}_client_cdf.png"
         fig.savefig(os.path.join(out_dir, fn))
         md += [f"![per-client Local accuracy CDF per budget, pooled over seeds]({fn})", ""]
     else:

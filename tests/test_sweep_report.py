@@ -284,7 +284,7 @@ def test_report_means_stds_groups_and_references(tmp_path):
     assert "_client_cdf.png" in second and "_client_cdf.png" not in first
     for fn in ("setting1_budgets.png", "setting1_rounds.png", "setting2_budgets.png",
                "setting2_rounds.png"):
-        assert (out / fn).stat().st_size > 1000
+        assert (out / "plots" / fn).stat().st_size > 1000
     cdf = [ln for ln in second.splitlines() if "_client_cdf.png" in ln][0]
     assert (out / cdf[cdf.index("(") + 1:-1]).stat().st_size > 1000
     # communication: (1 + 3) / 2 MB per round, the same in every run
