@@ -253,9 +253,15 @@ def run(c, workdir: str, resume: bool = False, progress: bool = True, log=print,
     if resume and not _has_checkpoint_dirs(workdir):  # before the lock creates the workdir
         raise CheckpointError(_nothing_to_resume(c, workdir))
     lock = WorkdirLock(workdir).acquire() if dist.is_writer() else None
+    closers = []  # what _run opened (progress bar, checkpoint manager), closed on any exit
     try:
-        return _run(c, workdir, resume, progress, log, warn)
+        return _run(c, workdir, resume, progress, log, warn, closers)
     finally:
+        for close in reversed(closers):
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - an error on the way out must not mask the first
+                pass
         if lock is not None:
             lock.release()
 
@@ -315,7 +321,7 @@ def check_checkpoints(c, workdir, ckpt, resume: bool) -> None:
             "with the original values, or start without --resume in a new workdir")
 
 
-def _run(c, workdir: str, resume: bool, progress: bool, log, warn) -> dict:
+def _run(c, workdir: str, resume: bool, progress: bool, log, warn, closers) -> dict:
     from framp_jax.checkpoint import CheckpointManager
     from framp_jax import distributed as dist
     from framp_jax.rundir import EventWriter, MetricsCSV, plot_budget_accuracy, write_json_atomic
@@ -338,6 +344,7 @@ def _run(c, workdir: str, resume: bool, progress: bool, log, warn) -> dict:
 
     os.makedirs(workdir, exist_ok=True)
     ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints)
+    closers.append(ckpt.close)
     check_checkpoints(c, workdir, ckpt, resume)  # before any data loads
     t_setup = time.time()
     prob = build_problem(c)
@@ -403,6 +410,7 @@ def _run(c, workdir: str, resume: bool, progress: bool, log, warn) -> dict:
         from tqdm.auto import tqdm
         bar = tqdm(total=c.rounds, initial=start, desc=c.method, file=sys.stderr,
                    dynamic_ncols=True, mininterval=1.0)
+        closers.append(bar.close)  # on an error too, so the error starts on its own line
     t0 = time.time()
     last = {}
     max_loss = c.max_loss_ratio * float(np.log(max(int(prob.ctx.num_classes), 2)))
