@@ -340,20 +340,21 @@ def run_sweep(sweep_file: str, workdir: str, jobs: int = 1, log=print,
 def _schedule(runs, configs, workdir, jobs, log, status, env) -> dict:
     t0 = time.time()
     todo, skipped, failed, done, errors = [], 0, 0, 0, {}
+    states = {r.name: run_state(os.path.join(workdir, r.name), configs[r.name]) for r in runs}
     for r in runs:
-        rd = os.path.join(workdir, r.name)
-        state, detail = run_state(rd, configs[r.name])
-        if state == "finished":
+        if states[r.name][0] == "finished":
             skipped += 1
-        elif state == "other":
+        elif states[r.name][0] == "other":
             failed += 1
-            errors[r.name] = detail
-            _record_failure(rd, r.name, detail, status, log)
         else:
-            todo.append((r, state == "partial"))
+            todo.append((r, states[r.name][0] == "partial"))
     total = len(runs)
     log(f"sweep: {total} runs, {skipped} already finished, {len(todo)} to run"
         + (f", {failed} not runnable" if failed else "") + f", {jobs} at a time")
+    for r in runs:
+        if states[r.name][0] == "other":
+            errors[r.name] = states[r.name][1]
+            _record_failure(os.path.join(workdir, r.name), r.name, errors[r.name], status, log)
     durations: list[float] = []
     running: dict = {}  # name -> (Popen, run, start, log file)
     queue = list(todo)
@@ -415,7 +416,8 @@ def _record_failure(rundir, name, msg, status, log):
     with open(os.path.join(rundir, ERROR_TXT), "w") as f:
         f.write(msg + "\n")
     status.write(name, "failed", msg)
-    log(f"sweep: {name} FAILED: {msg} (log: {os.path.join(rundir, TRAIN_LOG)})")
+    log_file = os.path.join(rundir, TRAIN_LOG)
+    log(f"sweep: {name} FAILED: {msg}" + (f" (log: {log_file})" if os.path.exists(log_file) else ""))
 
 
 def validate_sweep(sweep_file: str) -> list[tuple[Run, Any]]:

@@ -128,6 +128,47 @@ def _n_starts(rundir: Path) -> int:
     return sum(ln.startswith("# ") for ln in log.read_text().splitlines()) if log.exists() else 0
 
 
+def test_sweep_skips_a_finished_run_and_records_a_failed_one(tiny_npz, tmp_path):
+    """Without training: a run directory holding results.json of the same config is skipped
+    (also with another data_dir, which is not in the config hash), one of another config is
+    refused, and a run whose data turn out corrupt after validation fails with its error
+    recorded while the sweep goes on."""
+    from framp_jax.simulate import config_hash
+    _write_preset(tmp_path / "tiny.py", tiny_npz)
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"not a zip file")
+    sw = _write_sweep(tmp_path / "sw.py", '{"done": "tiny.py", "other": "tiny.py", '
+                                          f'"broken": ("tiny.py", {{"dataset": "npz:{corrupt}"}})}}')
+    wd = tmp_path / "runs"
+    runs = {r.name: r for r in S.load_sweep(sw)}
+    for name, lr in (("done_seed0", None), ("other_seed0", 0.123)):
+        c = S.resolve(runs[name])
+        cfg = json.loads(c.to_json_best_effort())
+        cfg["data_dir"] = "/elsewhere"
+        if lr is not None:
+            cfg["lr"] = lr
+        cfg["_resolved"] = {"config_hash": config_hash(c)}
+        (wd / name).mkdir(parents=True)
+        (wd / name / "config.json").write_text(json.dumps(cfg))
+        (wd / name / "results.json").write_text(json.dumps({"rounds": c.rounds, "final": {}}))
+    mtime = (wd / "done_seed0" / "results.json").stat().st_mtime_ns
+    lines = []
+    out = S.run_sweep(sw, str(wd), jobs=2, log=lines.append)
+    assert (out["runs"], out["done"], out["failed"], out["skipped"]) == (3, 0, 2, 1), out
+    assert "different config (changed: lr: 0.123 -> 0.3)" in out["errors"]["other_seed0"]
+    assert str(corrupt) in out["errors"]["broken_seed0"]
+    assert (wd / "broken_seed0" / S.ERROR_TXT).read_text().strip() == out["errors"]["broken_seed0"]
+    assert (wd / "done_seed0" / "results.json").stat().st_mtime_ns == mtime
+    assert not (wd / "done_seed0" / S.TRAIN_LOG).exists() and _n_starts(wd / "broken_seed0") == 1
+    assert lines[1].startswith("sweep: other_seed0 FAILED: it holds a finished run of a ")
+    assert lines[0] == "sweep: 3 runs, 1 already finished, 1 to run, 1 not runnable, 2 at a time"
+    assert lines[-1].startswith("sweep: 0 done, 2 failed, 1 skipped, 0 left; elapsed ")
+    status = (wd / S.STATUS_TSV).read_text()
+    assert "\tbroken_seed0\tfailed\t" in status and "\tother_seed0\tfailed\t" in status
+    with pytest.raises(S.SweepError, match="--jobs=0"):
+        S.run_sweep(sw, str(wd), jobs=0)
+
+
 @pytest.mark.slow
 def test_sweep_survives_kill_and_failure_and_matches_single_runs(tiny_npz, tmp_path):
     """Three runs: ``a`` (3 rounds), ``b`` (12 rounds, killed with the sweep after its first
@@ -169,9 +210,6 @@ def test_sweep_survives_kill_and_failure_and_matches_single_runs(tiny_npz, tmp_p
     rec = json.loads((wd / S.SWEEP_JSON).read_text())
     assert [x["name"] for x in rec["runs"]] == ["a_seed0", "b_seed0", "bad_seed0"]
 
-    # a third invocation has nothing left but the failing run
-    r = _cli(*args)
-    assert "3 runs, 2 already finished, 1 to run" in r.stdout and _n_starts(wd / "b_seed0") == 2
 
     # the same runs made one by one give the same final numbers
     for run in S.load_sweep(sw)[:2]:
