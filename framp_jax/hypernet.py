@@ -283,6 +283,7 @@ def target_shapes(c):
     """The FRAMP target model's parameter shapes from the config alone (no data is loaded), or
     None if they cannot be known yet. A user ``npz:`` data set's class count is taken as 1
     (a lower bound; the exact size is checked again when the model is built)."""
+    import zipfile
     ds = str(c.dataset)
     try:
         if c.model == "gcn":
@@ -305,7 +306,7 @@ def target_shapes(c):
                 from framp_jax.models.resnet import make_resnet18
                 model = make_resnet18(k, shape)
         return jax.eval_shape(model.init, jax.random.key(0))
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return None  # an unreadable or unusual data set fails later with its own error
 
 
