@@ -564,7 +564,8 @@ def _plots(i, skey, rows, out_dir, notes) -> list[str]:
                             accs.append(100 * acc)
                 if accs:
                     xs = np.sort(accs)
-                    ax.step(xs, np.arange(1, len(xs) + 1) / len(xs), where="post", label=name)
+                    ax.step(np.concatenate([xs[:1], xs]),
+                            np.arange(len(xs) + 1) / len(xs), where="post", label=name)
             ax.set_title(f"budget {b}")
             ax.set_xlabel("client local accuracy (%)")
             ax.grid(True, alpha=0.3)

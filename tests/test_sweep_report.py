@@ -169,7 +169,6 @@ def test_sweep_skips_a_finished_run_and_records_a_failed_one(tiny_npz, tmp_path)
         S.run_sweep(sw, str(wd), jobs=0)
 
 
-@pytest.mark.slow
 def test_sweep_survives_kill_and_failure_and_matches_single_runs(tiny_npz, tmp_path):
     """Three runs: ``a`` (3 rounds), ``b`` (12 rounds, killed with the sweep after its first
     checkpoint) and ``bad`` (lr 1e6: validates, then diverges in round 1)."""
