@@ -91,7 +91,8 @@ def find_runs(paths: Iterable[str]) -> tuple[list[str], list[str]]:
     done, unfinished = [], []
     for p in paths:
         if not os.path.isdir(p):
-            raise FileNotFoundError(f"framp-jax report: {p} is not a directory")
+            from framp_jax.errors import FrampError
+            raise FrampError(f"report: {p} is not a directory (give run or sweep directories)")
         for root, dirs, files in os.walk(p):
             dirs[:] = sorted(d for d in dirs if d not in ("checkpoints", "tb"))
             if "results.json" in files:
