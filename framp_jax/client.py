@@ -26,6 +26,10 @@ class LocalConfig(NamedTuple):
     optimizer: str = "sgd"          # sgd | adam
     mean: tuple = (0.4914, 0.4822, 0.4465)
     std: tuple = (0.2023, 0.1994, 0.2010)
+    # the smallest training-sample count of any client (0 = unknown). With it, local_train draws
+    # each epoch's permutation once before its scan (``epoch_perms``) instead of two per step;
+    # the batches are the same. Only pass a client whose count is at least this.
+    min_count: int = 0
 
 
 def make_optimizer(cfg: LocalConfig, lr=None) -> optax.GradientTransformation:
@@ -60,6 +64,29 @@ def batch_indices(key, count, n_max: int, step, batch: int):
     return jnp.where(epoch == e0, p0[off], p1[off])
 
 
+def epoch_perms(key, count, n_max: int, cfg: LocalConfig):
+    """Every permutation ``batch_indices`` can read during ``cfg.steps`` steps, computed once:
+    ``[E, n_max]`` with row e = the permutation of epoch e, E = the epochs reached by a client of
+    ``cfg.min_count`` samples (a client with more samples reaches fewer). ``None`` (compute per
+    step) when ``cfg.min_count`` is unknown or E exceeds the 2 permutations per step of the
+    per-step path."""
+    if cfg.full_batch or cfg.min_count < 1:
+        return None
+    n_epochs = ((cfg.steps - 1) * cfg.batch_size) // cfg.min_count + 2  # up to e0 + 1 of the last
+    if n_epochs > 2 * cfg.steps:
+        return None
+    return jax.vmap(lambda e: _epoch_perm(jax.random.fold_in(key, e), count, n_max))(
+        jnp.arange(n_epochs))
+
+
+def batch_indices_from(perms, count, step, batch: int):
+    """``batch_indices`` reading precomputed ``epoch_perms`` (the same indices)."""
+    pos = step * batch + jnp.arange(batch)
+    epoch, off = pos // count, pos % count
+    e0 = (step * batch) // count
+    return jnp.where(epoch == e0, perms[e0, off], perms[e0 + 1, off])
+
+
 def normalize(x_u8, mean, std):
     x = x_u8.astype(jnp.float32) / 255.0
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
@@ -76,18 +103,40 @@ def augment(key, x, pad: int = 4):
     return jnp.where(flips[:, None, None, None], crop[:, :, ::-1, :], crop)
 
 
-def get_batch(key, x_u8, y, count, step, cfg: LocalConfig):
+def augment_gather(key, x_u8, idx, mean, std, pad: int = 4):
+    """``augment(key, normalize(x_u8[idx], mean, std), pad)`` bit for bit, in one gather: the
+    same random crop offsets and flips, folded into per-image row/column source indices that
+    read the uint8 images directly; pixels of the zero padding are set to 0.0 after the
+    normalisation, as the padded normalised image holds there. x_u8 is [N, H, W, C]."""
+    b, (_, h, w, _) = idx.shape[0], x_u8.shape
+    kc, kf = jax.random.split(key)
+    offs = jax.random.randint(kc, (b, 2), 0, 2 * pad + 1)
+    flips = jax.random.bernoulli(kf, 0.5, (b,))
+    j = jnp.arange(w)
+    rows = offs[:, 0:1] + jnp.arange(h) - pad                              # [b, h]
+    cols = offs[:, 1:2] + jnp.where(flips[:, None], w - 1 - j, j) - pad    # [b, w], flip folded in
+    inside = (((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :])
+    px = x_u8[idx[:, None, None], jnp.clip(rows, 0, h - 1)[:, :, None],
+              jnp.clip(cols, 0, w - 1)[:, None, :]]                        # [b, h, w, C] uint8
+    return jnp.where(inside[..., None], normalize(px, mean, std), 0.0)
+
+
+def get_batch(key, x_u8, y, count, step, cfg: LocalConfig, perms=None):
+    """Step ``step``'s batch (normalised, augmented) and labels; ``perms`` = this key's
+    ``epoch_perms`` (or None to draw the permutations in the step; the batch is the same)."""
     if cfg.full_batch:  # graph clients: the whole padded subgraph; y < 0 marks non-train nodes
         return x_u8, y
     # the shuffle key must not depend on the step: batch_indices derives one permutation per
     # epoch from it, so the steps of an epoch take disjoint slices of the same shuffle
     kperm, kaug = jax.random.split(key)
     ka = jax.random.fold_in(kaug, step)
-    idx = batch_indices(kperm, count, x_u8.shape[0], step, cfg.batch_size)
-    xb = normalize(x_u8[idx], cfg.mean, cfg.std)
-    if cfg.augment and xb.ndim == 4:
-        xb = augment(ka, xb)
-    return xb, y[idx]
+    if perms is None:
+        idx = batch_indices(kperm, count, x_u8.shape[0], step, cfg.batch_size)
+    else:
+        idx = batch_indices_from(perms, count, step, cfg.batch_size)
+    if cfg.augment and x_u8.ndim == 4:
+        return augment_gather(ka, x_u8, idx, cfg.mean, cfg.std), y[idx]
+    return normalize(x_u8[idx], cfg.mean, cfg.std), y[idx]
 
 
 LossFn = Callable  # loss_fn(params, x, y, rng) -> scalar
@@ -122,10 +171,13 @@ def local_train(loss_fn: LossFn, params, mask, x_u8, y, count, key, cfg: LocalCo
     kloss = jax.random.fold_in(key, 1)
     collect = proto_classes > 0
     first = cfg.steps - last_epoch_steps(count, cfg) if collect else 0
+    # get_batch's shuffle key is split(kdata)[0]; its permutations once per epoch if possible
+    perms = None if cfg.full_batch else epoch_perms(jax.random.split(kdata)[0], count,
+                                                    x_u8.shape[0], cfg)
 
     def step(carry, s):
         p, opt_state, acc = carry
-        xb, yb = get_batch(kdata, x_u8, y, count, s, cfg)
+        xb, yb = get_batch(kdata, x_u8, y, count, s, cfg, perms)
         rng = jax.random.fold_in(kloss, s)
         if collect:
             (loss, feats), g = jax.value_and_grad(loss_fn, has_aux=True)(p, xb, yb, rng)

@@ -126,7 +126,8 @@ def build_problem(c, verbose=True) -> Problem:
     train_ids = np.setdiff1d(np.arange(c.num_clients), held)
     local = LocalConfig(steps=c.local_steps, batch_size=c.batch_size, lr=c.lr, momentum=c.momentum,
                         weight_decay=c.weight_decay, grad_clip=c.grad_clip, augment=c.augment,
-                        mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
+                        mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
+                        min_count=int(np.min(tr.count)))
     ctx = Context(c, model, c.num_clients, ds.num_classes, budgets, train_ids,
                   c.clients_per_round, local, make_mesh(c))
     info = dict(ds.info)
