@@ -178,10 +178,34 @@ def _ensure_ml_collections():
 
 
 def split_job(job: str):
-    """``"method/dtype"`` or ``"method/dtype+triton"`` -> (method, dtype, triton)."""
-    base, _, flag = job.partition("+")
+    """``"method/dtype"``, ``"method/dtype+triton"`` or ``"method/dtype@evalN"`` -> (method,
+    dtype, triton)."""
+    base, _, flag = job.split("@")[0].partition("+")
     method, dtype = base.split("/")
     return method, dtype, flag == "triton"
+
+
+def eval_chunk(job: str):
+    """N of an evaluation job ``"method/dtype@evalN"`` (``config.eval_model_chunk``), else None."""
+    _, _, tail = job.partition("@eval")
+    return int(tail) if tail else None
+
+
+EVAL_UNION = (16, 200)  # union samples of the evaluation jobs (tiny, full)
+
+
+def program(job: str, built, tiny: bool):
+    """(jitted function, arguments, donates state?) that a job compiles and times: the round, or
+    for ``@evalN`` jobs the evaluator of every client's model with ``eval_model_chunk=N``."""
+    import jax
+    import jax.numpy as jnp
+
+    from framp_jax import simulate
+    c, ctx, alg, data, state, _ = built
+    if eval_chunk(job) is None:
+        return jax.jit(alg.round, donate_argnums=(0,)), (state, data, jnp.int32(0)), True
+    n = EVAL_UNION[0] if tiny else EVAL_UNION[1]
+    return simulate.make_evaluator(alg, ctx), (state, data, data.union_x[:n], data.union_y[:n]), False
 
 
 def make_config(method: str, dtype: str, tiny: bool, triton: bool = False):
@@ -228,6 +252,8 @@ def build(job: str, tiny: bool):
 
     method, dtype, triton = split_job(job)
     c = make_config(method, dtype, tiny, triton)
+    if eval_chunk(job) is not None:
+        c.eval_model_chunk = eval_chunk(job)
     C.validate(c)
     image, n_train, n_test, n_union = shapes_for(tiny)
     K, N = 10, c.num_clients
@@ -255,6 +281,7 @@ def build(job: str, tiny: bool):
     state = alg.init(jax.random.key(c.seed), data)
     from framp_jax.models.layers import resolve_conv_impl
     info = {"method": method, "dtype": dtype, "triton_gemm": triton,
+            "eval_model_chunk": eval_chunk(job),
             "conv_impl": resolve_conv_impl(c.conv_impl), "client_map": ctx.client_map_mode(),
             "protocol": {"model": c.model, "image": list(image), "num_clients": N,
                          "clients_per_round": c.clients_per_round, "local_steps": c.local_steps,
@@ -358,12 +385,12 @@ def compile_worker(job: str, tiny: bool):
     _setup_jax_cache()
     out = {"job": job, "phase": "compile", **_device_info()}
     try:
-        c, ctx, alg, data, state, info = build(job, tiny)
-        out.update(info)
-        t = jnp.int32(0)
-        out["matmul_flops_per_round"] = matmul_flops(alg.round, state, data, t)
+        built = build(job, tiny)
+        out.update(built[-1])
+        fn, fargs, _ = program(job, built, tiny)
+        out["matmul_flops_per_round"] = matmul_flops(fn, *fargs)
         t0 = time.perf_counter()
-        compiled = jax.jit(alg.round, donate_argnums=(0,)).lower(state, data, t).compile()
+        compiled = fn.lower(*fargs).compile()
         out["compile_s"] = time.perf_counter() - t0
         out["xla_cost_analysis_flops"] = _xla_flops(compiled)
     except Exception as e:  # noqa: BLE001 - recorded, the other jobs go on
@@ -418,12 +445,14 @@ def time_worker(jobs, tiny: bool, rounds: int, timeout: float, gemm: bool, flops
         timer.start()
         try:
             log(f"timing {job}")
-            c, ctx, alg, data, state, info = build(job, tiny)
-            current.update(info)
+            built = build(job, tiny)
+            current.update(built[-1])
+            fn, fargs, donates = program(job, built, tiny)
+            del built
             if flops:  # no compile phase ran: count here, and this compile is the real one
-                current["matmul_flops_per_round"] = matmul_flops(alg.round, state, data, jnp.int32(0))
+                current["matmul_flops_per_round"] = matmul_flops(fn, *fargs)
             t0 = time.perf_counter()
-            compiled = jax.jit(alg.round, donate_argnums=(0,)).lower(state, data, jnp.int32(0)).compile()
+            compiled = fn.lower(*fargs).compile()
             current["load_or_compile_s"] = time.perf_counter() - t0
             if flops:
                 current["compile_s"] = current["load_or_compile_s"]
@@ -431,13 +460,27 @@ def time_worker(jobs, tiny: bool, rounds: int, timeout: float, gemm: bool, flops
             times, losses = [], []
             for r in range(1 + rounds):
                 t0 = time.perf_counter()
-                state, m = compiled(state, data, jnp.int32(r))
-                jax.block_until_ready((state, m))
+                if donates:  # a round: the state moves on, the round index is traced
+                    state, m = compiled(fargs[0], *fargs[1:-1], jnp.int32(r))
+                    jax.block_until_ready((state, m))
+                    fargs = (state,) + fargs[1:]
+                    losses.append(float(m["train_loss"]))
+                else:  # an evaluation: the same call again
+                    out = jax.block_until_ready(compiled(*fargs))
                 times.append(time.perf_counter() - t0)
-                losses.append(float(m["train_loss"]))
             current.update(warmup_s=times[0], round_times_s=times[1:],
-                           s_per_round=statistics.median(times[1:]), train_losses=losses)
-            del state, data, compiled
+                           s_per_round=statistics.median(times[1:]))
+            if donates:
+                current["train_losses"] = losses
+            else:
+                import hashlib
+
+                import numpy as np
+                current["eval_union_samples"] = int(fargs[2].shape[0])
+                current["eval_output_sha"] = hashlib.sha256(
+                    b"".join(np.asarray(a).tobytes() for a in out)).hexdigest()[:16]
+                current["eval_mean_accuracy"] = [float(np.nanmean(np.asarray(a))) for a in out]
+            del fargs, compiled
         except Exception as e:  # noqa: BLE001
             current["error"] = f"{type(e).__name__}: {e}"[:2000]
         finally:
@@ -615,7 +658,7 @@ class Results:
         self.args, self.path = args, args.out
         self.data = {"script": "benchmarks/bench_gpu.py", "argv": sys.argv[1:], "tiny": args.tiny,
                      "started": time.strftime("%Y-%m-%d %H:%M:%S"), "rounds": args.rounds,
-                     "methods": {}, "compile": {}, "triton_compare": {},
+                     "methods": {}, "compile": {}, "triton_compare": {}, "eval": {},
                      "python": sys.version.split()[0], "cpu_count": os.cpu_count(),
                      "loadavg_start": _loadavg(),
                      "notes": ["synthetic random uint8 images of CIFAR-10 shape",
@@ -647,7 +690,8 @@ class Results:
     def _derive(self):
         peak = (self.data.get("gemm") or {}).get("bfloat16", {}).get("tflops")
         torch_s = ((self.data.get("torch") or {}).get("float32") or {}).get("s_per_round")
-        for key, e in list(self.data["methods"].items()) + list(self.data["triton_compare"].items()):
+        for key, e in (list(self.data["methods"].items()) + list(self.data["triton_compare"].items())
+                       + list(self.data["eval"].items())):
             comp = self.data["compile"].get(e.get("job", key), {})
             for k in ("compile_s", "matmul_flops_per_round", "xla_cost_analysis_flops"):
                 if k in comp and k not in e:
@@ -715,6 +759,10 @@ def main(argv=None):
     ap.add_argument("--triton-compare", action="store_true",
                     help=f"also time {', '.join(TRITON_JOBS)} with XLA's Triton GEMM on")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch loop")
+    ap.add_argument("--eval", action="store_true",
+                    help="also time FRAMP's evaluation of every client's model on "
+                         f"{EVAL_UNION[1]} union images with eval_model_chunk 0 (one model at a "
+                         "time), 10 and 100")
     ap.add_argument("--no-gemm", action="store_true", help="skip the GEMM peak")
     ap.add_argument("--method-timeout", type=float, default=300.0,
                     help="seconds per program, for its compile and for its timing each")
@@ -754,6 +802,8 @@ def main(argv=None):
             ap.error(f"--dtypes: {d!r} is not one of {DTYPES}")
     res = Results(args)
     jobs = [f"{m}/{d}" for m in methods for d in dtypes]
+    eval_jobs = [f"framp/{dtypes[0]}@eval{n}" for n in ((0, 4) if args.tiny else (0, 10, 100))
+                 ] if args.eval else []
     triton_jobs = [f"{j}+triton" for j in TRITON_JOBS if split_job(j)[0] in methods
                    and split_job(j)[1] in dtypes] if args.triton_compare else []
     me = [sys.executable, os.path.abspath(__file__)] + (["--tiny"] if args.tiny else [])
@@ -786,7 +836,8 @@ def main(argv=None):
     # phase 1: parallel compiles into the persistent caches
     if workers > 0:
         from concurrent.futures import ThreadPoolExecutor
-        all_jobs = [(j, False) for j in jobs] + [(j, True) for j in triton_jobs]
+        all_jobs = ([(j, False) for j in jobs] + [(j, True) for j in triton_jobs]
+                    + [(j, False) for j in eval_jobs])
         log(f"phase 1: compiling {len(all_jobs)} programs, {workers} at a time")
         lock = threading.Lock()
 
@@ -864,6 +915,15 @@ def main(argv=None):
             res.data["torch"] = {"error": f"torch worker exited {rc}: {tail[-1500:]}"}
             res.flush()
 
+    if eval_jobs:
+        log("phase 3b: evaluation of every client's model, by model chunk")
+        time_jobs(eval_jobs, False, "eval", False)
+        ref = res.data["eval"].get(eval_jobs[0], {}).get("eval_output_sha")
+        for e in res.data["eval"].values():
+            if ref and "eval_output_sha" in e:
+                e["same_accuracies_as_chunk0"] = e["eval_output_sha"] == ref
+        res.flush()
+
     if triton_jobs:
         log("phase 4: Triton GEMM on (FRAMP_TRITON_GEMM=1)")
         time_jobs(triton_jobs, True, "triton_compare", False)
@@ -904,7 +964,8 @@ def _summary(d):
     if "skipped" in t:
         print(f"PyTorch: skipped ({t['skipped']})")
     print(f"{'method/dtype':24s} {'s/round':>8s} {'compile':>8s} {'TFLOP/s':>8s} {'%bf16pk':>8s} {'/torch':>7s}")
-    for k, e in list(d["methods"].items()) + [(k + "+triton", e) for k, e in d["triton_compare"].items()]:
+    for k, e in (list(d["methods"].items()) + [(k + "+triton", e) for k, e in d["triton_compare"].items()]
+                 + list(d.get("eval", {}).items())):
         if "s_per_round" not in e:
             print(f"{k:24s} error: {e.get('error', '')[:100]}")
             continue

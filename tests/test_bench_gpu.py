@@ -126,9 +126,9 @@ def test_tiny_bench_every_dtype_and_torch(tmp_path):
 
 def test_tiny_bench_compile_phase_and_triton_compare(tmp_path):
     """The accelerator path: programs compiled by parallel workers into a persistent cache,
-    then timed from it; the Triton comparison in its own worker."""
+    then timed from it; the Triton comparison in its own worker; the evaluation jobs."""
     d, _ = _run_bench(tmp_path, "--methods", "fedavg", "--dtypes", "float32", "--compile-workers",
-                      "1", "--triton-compare", "--no-torch", "--no-gemm", "--rounds", "1")
+                      "1", "--triton-compare", "--no-torch", "--no-gemm", "--rounds", "1", "--eval")
     e = d["methods"]["fedavg/float32"]
     assert e["s_per_round"] > 0 and e["compile_s"] > 0 and e["matmul_flops_per_round"] > 0
     assert e["xla_flags"] == "--xla_gpu_enable_triton_gemm=false"
@@ -138,3 +138,11 @@ def test_tiny_bench_compile_phase_and_triton_compare(tmp_path):
     assert "xla_gpu_enable_triton_gemm" not in tr["xla_flags"]
     assert tr["triton_off_s_per_round"] == e["s_per_round"] and tr["triton_on_over_off"] > 0
     assert "gemm" not in d and "torch" not in d
+    # FRAMP's evaluation of every client's model, one model at a time and 4 at a time: timed,
+    # and the same accuracies
+    ev = d["eval"]
+    assert set(ev) == {"framp/float32@eval0", "framp/float32@eval4"}
+    for e in ev.values():
+        assert e["s_per_round"] > 0 and e["eval_union_samples"] == 16
+        assert e["same_accuracies_as_chunk0"] is True
+    assert ev["framp/float32@eval4"]["eval_model_chunk"] == 4
