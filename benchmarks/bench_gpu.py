@@ -60,6 +60,7 @@ PRESETS = {"fedavg": "fiarse_cifar10_resnet18.py", "framp": "framp_cifar10_resne
            "heterofl": "heterofl_cifar10_resnet18.py", "fedrolex": "fedrolex_cifar10_resnet18.py",
            "scalefl": "scalefl_cifar10_resnet18.py"}
 TRITON_JOBS = ("fedavg/float32", "framp/float32", "fedavg/bfloat16")
+SKIPPED = "skipped: --deadline reached"
 
 
 T0 = float(os.environ.get("FRAMP_BENCH_T0", time.time()))  # workers: the parent's start
@@ -380,8 +381,6 @@ def _setup_jax_cache():
 
 def compile_worker(job: str, tiny: bool):
     """Phase 1: trace, count FLOPs, compile into the persistent cache."""
-    import jax
-    import jax.numpy as jnp
     _setup_jax_cache()
     out = {"job": job, "phase": "compile", **_device_info()}
     try:
@@ -718,7 +717,8 @@ def _run_lines(cmd, env, timeout, on_line):
             del tail[:-40]
     th = threading.Thread(target=pump_err, daemon=True)
     th.start()
-    killer = threading.Timer(timeout, proc.kill) if timeout else None
+    finite = timeout is not None and timeout < float("inf")
+    killer = threading.Timer(max(timeout, 0.1), proc.kill) if finite else None
     if killer:
         killer.start()
     for line in proc.stdout:
@@ -766,6 +766,9 @@ def main(argv=None):
     ap.add_argument("--no-gemm", action="store_true", help="skip the GEMM peak")
     ap.add_argument("--method-timeout", type=float, default=300.0,
                     help="seconds per program, for its compile and for its timing each")
+    ap.add_argument("--deadline", type=float, default=0.0,
+                    help="seconds after start when no further program is started and running "
+                         "ones are stopped (recorded as skipped); 0 = none")
     ap.add_argument("--compile-workers", type=int, default=-1,
                     help="parallel compile processes (-1: 8 on an accelerator, 0 on CPU = compile "
                          "while timing)")
@@ -801,6 +804,8 @@ def main(argv=None):
         if d not in DTYPES:
             ap.error(f"--dtypes: {d!r} is not one of {DTYPES}")
     res = Results(args)
+    deadline_at = T0 + args.deadline if args.deadline > 0 else float("inf")
+    left = lambda: deadline_at - time.time()
     jobs = [f"{m}/{d}" for m in methods for d in dtypes]
     eval_jobs = [f"framp/{dtypes[0]}@eval{n}" for n in ((0, 4) if args.tiny else (0, 10, 100))
                  ] if args.eval else []
@@ -844,12 +849,18 @@ def main(argv=None):
         def compile_one(item):
             job, triton = item
             got = []
+            if left() <= 0:
+                with lock:
+                    on_result({"job": job, "error": SKIPPED}, "compile")
+                return
             rc, tail = _run_lines(me + ["--_compile", job, "--method-timeout", str(args.method_timeout)],
                                   _env(base_env, caches[triton], triton, preallocate=False),
-                                  args.method_timeout, got.append)
+                                  min(args.method_timeout, left()), got.append)
             with lock:
                 if got:
                     on_result(got[-1], "compile")
+                elif left() <= 0:
+                    on_result({"job": job, "error": SKIPPED}, "compile")
                 else:
                     on_result({"job": job, "error": f"compile worker exited {rc} without a "
                                                     f"result: {tail[-1500:]}"}, "compile")
@@ -867,6 +878,10 @@ def main(argv=None):
                 on_result({"job": j, "error": "compile failed: " + res.data["compile"][j]["error"]}, table)
         first = gemm
         while todo or first:
+            if left() <= 0:
+                for j in todo:
+                    on_result({"job": j, "error": SKIPPED}, table)
+                return
             done = []
 
             def on_line(d):
@@ -884,18 +899,21 @@ def main(argv=None):
                         "--method-timeout", str(args.method_timeout)] + (["--_gemm"] if first else []) + (
                            ["--_flops"] if workers == 0 else [])
             rc, tail = _run_lines(cmd, _env(base_env, caches[triton], triton),
-                                  args.method_timeout * (len(todo) + 1) + 120, on_line)
+                                  min(args.method_timeout * (len(todo) + 1) + 120, left()), on_line)
             first = False
             rest = [j for j in todo if j not in done]
             if rest and rc not in (0, 3):  # crashed without recording: record and skip that job
-                on_result({"job": rest[0], "error": f"timing worker exited {rc}: {tail[-1500:]}"}, table)
+                why = SKIPPED if left() <= 0 else f"timing worker exited {rc}: {tail[-1500:]}"
+                on_result({"job": rest[0], "error": why}, table)
                 rest = rest[1:]
             todo = rest
 
     log("phase 2: timing")
     time_jobs(jobs, False, "methods", not args.no_gemm)
 
-    if not args.no_torch:
+    if not args.no_torch and left() <= 0:
+        res.data["torch"] = {"skipped": SKIPPED}
+    elif not args.no_torch:
         log("phase 3: PyTorch loop")
         backend = res.data.get("backend", "cpu")
         env = dict(base_env, FRAMP_BENCH_BACKEND=backend)
@@ -910,9 +928,10 @@ def main(argv=None):
                 log(f"PyTorch skipped: {d['skipped']}")
             res.flush()
         rc, tail = _run_lines(me + ["--_torch", ",".join(dtypes), "--torch-rounds", str(args.torch_rounds)],
-                              env, args.method_timeout * 2, on_torch)
+                              env, min(args.method_timeout * 2, left()), on_torch)
         if "torch" not in res.data:
-            res.data["torch"] = {"error": f"torch worker exited {rc}: {tail[-1500:]}"}
+            res.data["torch"] = ({"skipped": SKIPPED} if left() <= 0 else
+                                 {"error": f"torch worker exited {rc}: {tail[-1500:]}"})
             res.flush()
 
     if eval_jobs:
