@@ -24,9 +24,14 @@ How it runs (one command, phases in subprocesses so a crash or a hang costs one 
 2. time, one after another: a worker loads each program from the cache and times its rounds;
    the GEMM peak is measured first; a job over ``--method-timeout`` is recorded as an error and
    the remaining jobs continue in a fresh worker;
-3. the PyTorch loop (``--torch``; skipped with a note when torch or its device is missing);
+3. the PyTorch loop (``--no-torch`` skips it; skipped with a note when torch or its device is
+   missing);
 4. ``--triton-compare``: FedAvg and FRAMP (im2col) again with XLA's Triton GEMM fusions on
-   (``FRAMP_TRITON_GEMM=1``: the flag must be set before JAX starts, hence a separate worker).
+   (``FRAMP_TRITON_GEMM=1``: the flag must be set before JAX starts, hence a separate worker);
+5. ``--eval``: FRAMP's evaluation of every client's model by ``eval_model_chunk``.
+
+``--deadline S`` stops starting programs S seconds after the start (later phases first lose
+their entries, recorded as skipped).
 
 Results go to ``results/bench_gpu_<device>.json`` (e.g. ``nvidia_h200``, ``cpu``), rewritten
 after every entry so a partial run keeps what it measured. ``--tiny`` runs the same code on a
@@ -934,15 +939,6 @@ def main(argv=None):
                                  {"error": f"torch worker exited {rc}: {tail[-1500:]}"})
             res.flush()
 
-    if eval_jobs:
-        log("phase 3b: evaluation of every client's model, by model chunk")
-        time_jobs(eval_jobs, False, "eval", False)
-        ref = res.data["eval"].get(eval_jobs[0], {}).get("eval_output_sha")
-        for e in res.data["eval"].values():
-            if ref and "eval_output_sha" in e:
-                e["same_accuracies_as_chunk0"] = e["eval_output_sha"] == ref
-        res.flush()
-
     if triton_jobs:
         log("phase 4: Triton GEMM on (FRAMP_TRITON_GEMM=1)")
         time_jobs(triton_jobs, True, "triton_compare", False)
@@ -951,6 +947,15 @@ def main(argv=None):
             e["triton_off_s_per_round"] = off
             if off and e.get("s_per_round"):
                 e["triton_on_over_off"] = e["s_per_round"] / off
+
+    if eval_jobs:
+        log("phase 5: evaluation of every client's model, by model chunk")
+        time_jobs(eval_jobs, False, "eval", False)
+        ref = res.data["eval"].get(eval_jobs[0], {}).get("eval_output_sha")
+        for e in res.data["eval"].values():
+            if ref and "eval_output_sha" in e:
+                e["same_accuracies_as_chunk0"] = e["eval_output_sha"] == ref
+        res.flush()
 
     res.data["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     res.data["loadavg_end"] = _loadavg()
