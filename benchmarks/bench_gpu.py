@@ -748,6 +748,11 @@ def _env(base, cache, triton=False, preallocate=True):
         env["XLA_FLAGS"] = flags
         if not flags:
             env.pop("XLA_FLAGS")
+    else:
+        # set in the worker's environment, not left to the import of framp_jax: a worker that
+        # touches JAX's backend before importing framp_jax would start without it
+        from framp_jax import configure_xla_flags
+        configure_xla_flags(env)
     if not preallocate:
         env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     return env

@@ -29,4 +29,26 @@ def configure_xla_flags(environ=None) -> bool:
     return True
 
 
-configure_xla_flags()
+def _jax_backend_started() -> bool:
+    import sys
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+        return bool(xla_bridge.backends_are_initialized())
+    except Exception:  # a JAX without this helper: assume the worst
+        return True
+
+
+_TRITON_ON_REQUEST = _os.environ.get("FRAMP_TRITON_GEMM", "0").strip().lower() in ("1", "true", "yes", "on")
+_ADDED = configure_xla_flags()
+# Whether JAX's GPU backend runs without Triton GEMM fusions: the flag was in XLA_FLAGS before
+# the backend started (set by the user, or added here before JAX created its backend).
+TRITON_GEMM_DISABLED = ("xla_gpu_enable_triton_gemm=false" in _os.environ.get("XLA_FLAGS", "")
+                        and not (_ADDED and _jax_backend_started()))
+
+
+def triton_gemm_safe() -> bool:
+    """True when im2col rounds can be compiled on a GPU: Triton GEMM fusions are off, or the
+    user asked to keep them (``FRAMP_TRITON_GEMM=1``, e.g. to measure them)."""
+    return TRITON_GEMM_DISABLED or _TRITON_ON_REQUEST

@@ -20,10 +20,34 @@ from jax import lax
 AUTO_CONV_IMPL = {"cpu": "im2col", "gpu": "im2col"}  # backend -> formulation; others "xla"
 
 
+_WARNED = []
+
+
+def _warn_triton_once():
+    if not _WARNED:
+        _WARNED.append(True)
+        import warnings
+        warnings.warn("framp_jax: XLA's Triton GEMM fusions are on in this process (JAX's GPU "
+                      "backend started before framp_jax was imported, or XLA_FLAGS turns them "
+                      "on), and they abort the compiler on FRAMP's im2col round; conv_impl='auto' uses "
+                      "XLA's convolution (slower). Import framp_jax before using JAX, or set "
+                      "XLA_FLAGS=--xla_gpu_enable_triton_gemm=false before starting Python.",
+                      RuntimeWarning, stacklevel=3)
+
+
 def resolve_conv_impl(conv_impl: str) -> str:
     """``"auto"`` -> the formulation that is fastest on the default backend (AUTO_CONV_IMPL)."""
     if conv_impl == "auto":
-        return AUTO_CONV_IMPL.get(jax.default_backend(), "xla")
+        backend = jax.default_backend()
+        impl = AUTO_CONV_IMPL.get(backend, "xla")
+        if backend == "gpu" and impl == "im2col":
+            import framp_jax
+            if not framp_jax.triton_gemm_safe():
+                # JAX started its GPU backend before framp_jax could turn off XLA's Triton GEMM
+                # fusions, which abort the compiler on FRAMP's im2col round: take XLA's conv.
+                _warn_triton_once()
+                impl = "xla"
+        return impl
     if conv_impl not in ("xla", "im2col"):
         raise ValueError(f"conv_impl={conv_impl!r}: allowed 'auto', 'xla', 'im2col'")
     return conv_impl
