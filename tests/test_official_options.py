@@ -193,6 +193,7 @@ def test_framp_last_epoch_prototypes_match_a_python_replay(tiny_config):
                                rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.slow  # ~45 s; the top-k path's run and the hand computations stay in the default suite
 def test_width_extraction_with_last_epoch_prototypes_compiles_once(tiny_config, tmp_path):
     c = _framp_config(tiny_config, {"extraction": "width", "proto_timing": "last_epoch_train"},
                       rounds=2, eval_every=2)
@@ -284,6 +285,7 @@ def test_fedrolex_weighting_is_validated_before_data_loads(tiny_config, tmp_path
         simulate.build_problem(c, verbose=False)
 
 
+@pytest.mark.slow  # ~60 s; the weighting itself is checked by hand in the default suite
 def test_fedrolex_width_weighting_compiles_once(tiny_config, tmp_path):
     from framp_jax.algorithms.fedrolex import fedrolex_defaults
     c = tiny_config(method="fedrolex", rounds=2, eval_every=2)

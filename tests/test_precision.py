@@ -61,7 +61,8 @@ def test_batch_norm_float32_is_bit_identical_to_the_plain_formula():
     np.testing.assert_allclose(np.asarray(h, np.float32), np.asarray(a), atol=0.05, rtol=0.02)
 
 
-@pytest.mark.parametrize("name", ["cnn", "resnet18", "preact_resnet18"])
+@pytest.mark.parametrize("name", ["cnn", "resnet18",
+                                  pytest.param("preact_resnet18", marks=pytest.mark.slow)])
 def test_bf16_forward_matches_float32(name):
     shape = (8, 8, 3)
     m = {"cnn": lambda: make_cnn(10, shape),
