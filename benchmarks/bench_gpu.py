@@ -22,8 +22,9 @@ How it runs (one command, phases in subprocesses so a crash or a hang costs one 
 1. compile, in parallel (``--compile-workers``, default 8 on an accelerator, 0 on CPU): every
    (method, dtype) program is traced and compiled once into a persistent compilation cache;
 2. time, one after another: a worker loads each program from the cache and times its rounds;
-   the GEMM peak is measured first; a job over ``--method-timeout`` is recorded as an error and
-   the remaining jobs continue in a fresh worker;
+   the GEMM peak is measured first; a job over ``--method-timeout`` (compile: over
+   ``--compile-timeout``) is recorded as an error and the remaining jobs continue in a fresh
+   worker;
 3. the PyTorch loop (``--no-torch`` skips it; skipped with a note when torch or its device is
    missing);
 4. ``--triton-compare``: FedAvg and FRAMP (im2col) again with XLA's Triton GEMM fusions on
@@ -375,6 +376,7 @@ def _emit(obj):
 
 
 def _setup_jax_cache():
+    import framp_jax  # noqa: F401 - before JAX starts its backend: XLA_FLAGS (Triton GEMM off)
     import jax
     d = os.environ.get("FRAMP_BENCH_CACHE")
     if d:
@@ -761,7 +763,8 @@ def _env(base, cache, triton=False, preallocate=True):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test)")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma list of {METHODS} (empty: only the GEMM peak and PyTorch loop)")
     ap.add_argument("--dtypes", default=",".join(DTYPES), help="comma list of float32,bfloat16")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds per method (after 1 warm-up)")
     ap.add_argument("--torch-rounds", type=int, default=2, help="timed PyTorch rounds per dtype")
@@ -775,7 +778,10 @@ def main(argv=None):
                          "time), 10 and 100")
     ap.add_argument("--no-gemm", action="store_true", help="skip the GEMM peak")
     ap.add_argument("--method-timeout", type=float, default=300.0,
-                    help="seconds per program, for its compile and for its timing each")
+                    help="seconds per program's timing (and its compile when no compile phase runs)")
+    ap.add_argument("--compile-timeout", type=float, default=900.0,
+                    help="seconds per program's compile in the parallel compile phase (a "
+                         "multi-level method's round compiles for minutes on a GPU)")
     ap.add_argument("--deadline", type=float, default=0.0,
                     help="seconds after start when no further program is started and running "
                          "ones are stopped (recorded as skipped); 0 = none")
@@ -865,7 +871,7 @@ def main(argv=None):
                 return
             rc, tail = _run_lines(me + ["--_compile", job, "--method-timeout", str(args.method_timeout)],
                                   _env(base_env, caches[triton], triton, preallocate=False),
-                                  min(args.method_timeout, left()), got.append)
+                                  min(args.compile_timeout, left()), got.append)
             with lock:
                 if got:
                     on_result(got[-1], "compile")
