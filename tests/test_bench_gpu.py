@@ -20,6 +20,7 @@ from framp_jax.algorithms.base import Context
 from framp_jax.client import LocalConfig
 from framp_jax.models import layers
 
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "bench_gpu.py")
 
@@ -109,7 +110,8 @@ def test_tiny_bench_every_dtype_and_torch(tmp_path):
         assert "error" not in e, (key, e.get("error"))
         assert len(e["round_times_s"]) == 2 and e["s_per_round"] > 0 and e["compile_s"] > 0
         assert e["matmul_flops_per_round"] > 0 and e["tflops"] > 0
-        assert 0 < e["fraction_of_bf16_peak"] and e["ratio_to_torch_fedavg_f32"] > 0
+        assert 0 < e["fraction_of_bf16_peak"]
+        assert e["ratio_to_torch_fedavg_f32"] > 0 if HAVE_TORCH else "ratio_to_torch_fedavg_f32" not in e
         assert e["conv_impl"] == "im2col" and e["client_map"] == "map"
         assert all(np.isfinite(e["train_losses"]))
     # the tiny FedAvg round: 2 clients x 2 steps x batch 4 of the 8x8 small CNN (hand count:
@@ -120,10 +122,15 @@ def test_tiny_bench_every_dtype_and_torch(tmp_path):
     for dt in ("bfloat16", "float32", "float32_highest"):
         assert d["gemm"][dt]["tflops"] > 0
     t = d["torch"]
-    assert t["float32"]["s_per_round"] > 0 and t["bfloat16"]["s_per_round"] > 0
-    assert "fedavg/float32" in proc.stdout and "PyTorch FedAvg loop float32" in proc.stdout
+    assert "fedavg/float32" in proc.stdout
+    if HAVE_TORCH:
+        assert t["float32"]["s_per_round"] > 0 and t["bfloat16"]["s_per_round"] > 0
+        assert "PyTorch FedAvg loop float32" in proc.stdout
+    else:  # torch is optional: the loop is skipped with a note, the rest is measured
+        assert t["skipped"].startswith("torch not importable")
 
 
+@pytest.mark.slow  # ~150 s on 2 cores: the parallel-compile path and the Triton worker
 def test_tiny_bench_compile_phase_and_triton_compare(tmp_path):
     """The accelerator path: programs compiled by parallel workers into a persistent cache,
     then timed from it; the Triton comparison in its own worker; the evaluation jobs."""
