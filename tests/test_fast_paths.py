@@ -71,8 +71,9 @@ def test_augment_gather_equals_augment_of_normalised_batch(pad):
     assert np.any(np.asarray(got) == 0.0)
 
 
-@pytest.mark.parametrize("count,batch,aug", [(40, 9, True), (23, 9, True), (5, 9, True),
-                                             (40, 40, False), (31, 4, True)])
+@pytest.mark.parametrize("count,batch,aug", [
+    (40, 9, True), (5, 9, True), (40, 40, False),
+    pytest.param(23, 9, True, marks=pytest.mark.slow), pytest.param(31, 4, True, marks=pytest.mark.slow)])
 def test_get_batch_equals_reference_for_every_step(count, batch, aug):
     n_max, steps = 40, 12
     x, y = _images(n_max, seed=count)
