@@ -15,12 +15,17 @@ __version__ = "0.1.0"
 TRITON_FLAG = "--xla_gpu_enable_triton_gemm=false"
 
 
+def _triton_requested(env) -> bool:
+    """``FRAMP_TRITON_GEMM=1`` (or true/yes/on): keep XLA's Triton GEMM fusions."""
+    return env.get("FRAMP_TRITON_GEMM", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def configure_xla_flags(environ=None) -> bool:
     """Append :data:`TRITON_FLAG` to ``XLA_FLAGS`` unless the user set the option or
     ``FRAMP_TRITON_GEMM=1``; returns whether it was added. Only effective before JAX creates its
     backend."""
     env = _os.environ if environ is None else environ
-    if env.get("FRAMP_TRITON_GEMM", "0").strip().lower() in ("1", "true", "yes", "on"):
+    if _triton_requested(env):
         return False
     flags = env.get("XLA_FLAGS", "")
     if "xla_gpu_enable_triton_gemm" in flags:
@@ -40,7 +45,7 @@ def _jax_backend_started() -> bool:
         return True
 
 
-_TRITON_ON_REQUEST = _os.environ.get("FRAMP_TRITON_GEMM", "0").strip().lower() in ("1", "true", "yes", "on")
+_TRITON_ON_REQUEST = _triton_requested(_os.environ)
 _ADDED = configure_xla_flags()
 # Whether JAX's GPU backend runs without Triton GEMM fusions: the flag was in XLA_FLAGS before
 # the backend started (set by the user, or added here before JAX created its backend).
