@@ -21,56 +21,67 @@ FIARSE_PROTOCOL = {
     "heldout_frac": 0.0,
 }
 
+# The columns of every table below, in this order.
+COLUMNS = ("local/mean", "local/1/64", "local/1/16", "local/1/4", "local/1", "union/mean")
+
+
+def _reference(source: str, dataset: str, alpha: float,
+               rows: Mapping[str, tuple[float, ...]],
+               local_requires: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One :data:`REFERENCES` entry: the FIARSE protocol on ``dataset`` with Dirichlet ``alpha``,
+    and ``rows`` ``{method: values in COLUMNS order}`` (a short row gives only its first columns).
+    ``local_requires``: the config fields the local columns are valid under."""
+    numbers = {}
+    for method, values in rows.items():
+        if len(values) > len(COLUMNS):
+            raise ValueError(f"{source}: {method} has {len(values)} values for {len(COLUMNS)} "
+                             "columns")
+        numbers[method] = dict(zip(COLUMNS, values))
+    return {
+        "source": source,
+        "protocol": {**FIARSE_PROTOCOL, "dataset": dataset, "alpha": alpha},
+        "local_requires": dict(local_requires or {}),
+        "numbers": numbers,
+    }
+
+
+# FIARSE partitions the test split with independently drawn priors; its "Local" and "Model(s)"
+# numbers compare only with test_prior="fiarse_independent" (SPEC §2.2)
+_FIARSE_LOCAL = {"test_prior": "fiarse_independent"}
+
 REFERENCES: list[dict[str, Any]] = [
-    {
-        "source": "SPEC §3.2: FIARSE README table (assets/fiarse_four_sizes.png), CIFAR-10",
-        "protocol": {**FIARSE_PROTOCOL, "dataset": "cifar10", "alpha": 0.3},
-        # FIARSE partitions the test split with independently drawn priors; its "Local" and
-        # "Model(s)" numbers compare only with test_prior="fiarse_independent" (SPEC §2.2)
-        "local_requires": {"test_prior": "fiarse_independent"},
-        "numbers": {
-            "heterofl": {"local/mean": 68.88, "local/1/64": 60.24, "local/1/16": 69.32,
-                         "local/1/4": 72.18, "local/1": 73.76, "union/mean": 66.05},
-            "fedrolex": {"local/mean": 67.18, "local/1/64": 54.60, "local/1/16": 64.96,
-                         "local/1/4": 70.08, "local/1": 79.08, "union/mean": 65.98},
-            "scalefl": {"local/mean": 72.10, "local/1/64": 69.04, "local/1/16": 71.64,
-                        "local/1/4": 70.08, "local/1": 77.64, "union/mean": 67.37},
-            "fiarse": {"local/mean": 77.04, "local/1/64": 73.12, "local/1/16": 77.20,
-                       "local/1/4": 77.24, "local/1": 82.04, "union/mean": 73.75},
+    _reference(
+        "SPEC §3.2: FIARSE README table (assets/fiarse_four_sizes.png), CIFAR-10", "cifar10", 0.3,
+        {   # local/mean, local/1/64, local/1/16, local/1/4, local/1, union/mean
+            "heterofl": (68.88, 60.24, 69.32, 72.18, 73.76, 66.05),
+            "fedrolex": (67.18, 54.60, 64.96, 70.08, 79.08, 65.98),
+            "scalefl": (72.10, 69.04, 71.64, 70.08, 77.64, 67.37),
+            "fiarse": (77.04, 73.12, 77.20, 77.24, 82.04, 73.75),
         },
-    },
-    {
-        "source": "SPEC §3.2: FIARSE README table (assets/fiarse_four_sizes.png), CIFAR-100",
-        "protocol": {**FIARSE_PROTOCOL, "dataset": "cifar100", "alpha": 0.3},
-        "local_requires": {"test_prior": "fiarse_independent"},
-        "numbers": {
-            "heterofl": {"local/mean": 31.75, "local/1/64": 27.24, "local/1/16": 29.80,
-                         "local/1/4": 33.52, "local/1": 36.44, "union/mean": 30.67},
-            "fedrolex": {"local/mean": 31.67, "local/1/64": 21.00, "local/1/16": 30.84,
-                         "local/1/4": 36.44, "local/1": 38.40, "union/mean": 29.89},
-            "scalefl": {"local/mean": 39.69, "local/1/64": 36.16, "local/1/16": 40.48,
-                        "local/1/4": 42.56, "local/1": 39.56, "union/mean": 37.56},
-            "fiarse": {"local/mean": 41.76, "local/1/64": 39.12, "local/1/16": 43.24,
-                       "local/1/4": 43.72, "local/1": 40.96, "union/mean": 38.63},
+        local_requires=_FIARSE_LOCAL,
+    ),
+    _reference(
+        "SPEC §3.2: FIARSE README table (assets/fiarse_four_sizes.png), CIFAR-100", "cifar100", 0.3,
+        {
+            "heterofl": (31.75, 27.24, 29.80, 33.52, 36.44, 30.67),
+            "fedrolex": (31.67, 21.00, 30.84, 36.44, 38.40, 29.89),
+            "scalefl": (39.69, 36.16, 40.48, 42.56, 39.56, 37.56),
+            "fiarse": (41.76, 39.12, 43.24, 43.72, 40.96, 38.63),
         },
-    },
-    {
-        # Only alpha = 0.05 and CIFAR-100 are stated for Table 7; the rest of its protocol is
-        # taken to be FIARSE's (SPEC §3.3 calls it the strong-heterogeneity setting of the same
-        # comparison). FIARSE's row is partly unreadable: only the values SPEC gives are here.
-        "source": "SPEC §3.3: the FRAMP paper's Table 7, CIFAR-100, Dirichlet alpha = 0.05",
-        "protocol": {**FIARSE_PROTOCOL, "dataset": "cifar100", "alpha": 0.05},
-        "local_requires": {},
-        "numbers": {
-            "heterofl": {"local/mean": 22.24, "local/1/64": 17.28, "local/1/16": 21.96,
-                         "local/1/4": 22.16, "local/1": 27.56, "union/mean": 21.48},
-            "fedrolex": {"local/mean": 12.63, "local/1/64": 3.08, "local/1/16": 5.84,
-                         "local/1/4": 16.12, "local/1": 25.48, "union/mean": 11.67},
-            "scalefl": {"local/mean": 29.14, "local/1/64": 28.68, "local/1/16": 32.04,
-                        "local/1/4": 28.64, "local/1": 27.20, "union/mean": 27.71},
-            "fiarse": {"local/mean": 29.29, "local/1/64": 25.68},
+        local_requires=_FIARSE_LOCAL,
+    ),
+    # Only alpha = 0.05 and CIFAR-100 are stated for Table 7; the rest of its protocol is taken
+    # to be FIARSE's (SPEC §3.3 calls it the strong-heterogeneity setting of the same
+    # comparison). FIARSE's row is partly unreadable: only the values SPEC gives are here.
+    _reference(
+        "SPEC §3.3: the FRAMP paper's Table 7, CIFAR-100, Dirichlet alpha = 0.05", "cifar100", 0.05,
+        {
+            "heterofl": (22.24, 17.28, 21.96, 22.16, 27.56, 21.48),
+            "fedrolex": (12.63, 3.08, 5.84, 16.12, 25.48, 11.67),
+            "scalefl": (29.14, 28.68, 32.04, 28.64, 27.20, 27.71),
+            "fiarse": (29.29, 25.68),  # local/mean, local/1/64
         },
-    },
+    ),
 ]
 
 

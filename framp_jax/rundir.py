@@ -1,14 +1,14 @@
 """Run-directory writers: TensorBoard events, metrics.csv, results.json and plots.
 
-Everything here is host-side and dependency-light: the TensorBoard event writer is pure Python
-(TFRecord framing, CRC32C and the few protobuf fields an ``Event`` with scalar summaries needs), so
-neither TensorFlow nor TensorBoard is required to *write* logs that TensorBoard can read.
+Everything here is host-side and dependency-light: TensorBoard event files are written with
+``tensorboardX`` (pure Python), so neither TensorFlow nor TensorBoard is required to *write* logs
+that TensorBoard can read.
 
 Contents of a workdir (see DESIGN.md, "Contracts: Run directory"):
 
 - ``config.json``, ``results.json``      -> :func:`write_json_atomic`
 - ``metrics.csv``                        -> :class:`MetricsCSV` (one row per evaluation)
-- ``events.out.tfevents.*``              -> :class:`EventWriter`, read back by :func:`read_events`
+- ``events.out.tfevents.*``              -> :class:`EventWriter`
 - ``budget_accuracy.png``                -> :func:`plot_budget_accuracy`
 """
 
@@ -22,9 +22,9 @@ import json
 import math
 import os
 import socket
-import struct
 import tempfile
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -32,8 +32,6 @@ import numpy as np
 
 __all__ = [
     "EventWriter",
-    "read_events",
-    "crc32c",
     "MetricsCSV",
     "read_metrics_csv",
     "write_json_atomic",
@@ -45,227 +43,44 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------------------------
-# CRC32C (Castagnoli), table driven, pure Python.
+# TensorBoard events (tensorboardX)
 # ---------------------------------------------------------------------------------------------
-
-
-def _make_crc32c_table() -> tuple[int, ...]:
-    poly = 0x82F63B78  # reversed Castagnoli polynomial
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ poly if c & 1 else c >> 1
-        table.append(c)
-    return tuple(table)
-
-
-_CRC32C_TABLE = _make_crc32c_table()
-
-
-def crc32c(data: bytes, crc: int = 0) -> int:
-    """CRC-32C of ``data`` (continuing from ``crc``); ``crc32c(b"123456789") == 0xE3069283``."""
-    table = _CRC32C_TABLE
-    c = crc ^ 0xFFFFFFFF
-    for b in data:
-        c = table[(c ^ b) & 0xFF] ^ (c >> 8)
-    return c ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    c = crc32c(data)
-    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-# ---------------------------------------------------------------------------------------------
-# Minimal protobuf encoding / decoding for tensorflow.Event with scalar summaries.
-#   Event   { double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5; }
-#   Summary { repeated Value value = 1; }
-#   Value   { string tag = 1; float simple_value = 2; }
-# ---------------------------------------------------------------------------------------------
-
-
-def _varint(n: int) -> bytes:
-    n &= 0xFFFFFFFFFFFFFFFF  # int64 two's complement for negative values
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _key(field: int, wire: int) -> bytes:
-    return _varint((field << 3) | wire)
-
-
-def _len_delimited(field: int, payload: bytes) -> bytes:
-    return _key(field, 2) + _varint(len(payload)) + payload
-
-
-def _encode_event(
-    wall_time: float,
-    step: int,
-    *,
-    file_version: str | None = None,
-    scalars: Iterable[tuple[str, float]] = (),
-) -> bytes:
-    msg = _key(1, 1) + struct.pack("<d", float(wall_time))
-    msg += _key(2, 0) + _varint(int(step))
-    if file_version is not None:
-        msg += _len_delimited(3, file_version.encode("utf-8"))
-    values = b""
-    for tag, value in scalars:
-        v = _len_delimited(1, str(tag).encode("utf-8")) + _key(2, 5) + struct.pack("<f", float(value))
-        values += _len_delimited(1, v)
-    if values:
-        msg += _len_delimited(5, values)
-    return msg
-
-
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = 0
-    shift = 0
-    while True:
-        if pos >= len(buf):
-            raise ValueError("truncated varint in protobuf message")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 70:
-            raise ValueError("varint too long in protobuf message")
-
-
-def _iter_fields(buf: bytes):
-    """Yields (field_number, wire_type, value) for one protobuf message."""
-    pos = 0
-    n = len(buf)
-    while pos < n:
-        key, pos = _read_varint(buf, pos)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _read_varint(buf, pos)
-        elif wire == 1:
-            value = buf[pos : pos + 8]
-            pos += 8
-        elif wire == 2:
-            ln, pos = _read_varint(buf, pos)
-            value = buf[pos : pos + ln]
-            pos += ln
-        elif wire == 5:
-            value = buf[pos : pos + 4]
-            pos += 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        if pos > n:
-            raise ValueError("truncated protobuf message")
-        yield field, wire, value
-
-
-def _decode_event(buf: bytes) -> dict:
-    event: dict[str, Any] = {"wall_time": 0.0, "step": 0, "file_version": None, "scalars": []}
-    for field, wire, value in _iter_fields(buf):
-        if field == 1 and wire == 1:
-            event["wall_time"] = struct.unpack("<d", value)[0]
-        elif field == 2 and wire == 0:
-            event["step"] = value - (1 << 64) if value >= (1 << 63) else value
-        elif field == 3 and wire == 2:
-            event["file_version"] = bytes(value).decode("utf-8")
-        elif field == 5 and wire == 2:
-            for sfield, swire, sval in _iter_fields(value):
-                if sfield != 1 or swire != 2:
-                    continue
-                tag, simple = None, None
-                for vfield, vwire, vval in _iter_fields(sval):
-                    if vfield == 1 and vwire == 2:
-                        tag = bytes(vval).decode("utf-8")
-                    elif vfield == 2 and vwire == 5:
-                        simple = struct.unpack("<f", vval)[0]
-                if tag is not None and simple is not None:
-                    event["scalars"].append((tag, simple))
-    return event
-
-
-# ---------------------------------------------------------------------------------------------
-# TFRecord framing.
-# ---------------------------------------------------------------------------------------------
-
-
-def _frame(data: bytes) -> bytes:
-    header = struct.pack("<Q", len(data))
-    return (
-        header
-        + struct.pack("<I", _masked_crc(header))
-        + data
-        + struct.pack("<I", _masked_crc(data))
-    )
-
-
-def _read_records(path: str) -> list[bytes]:
-    with open(path, "rb") as f:
-        buf = f.read()
-    records = []
-    pos = 0
-    while pos < len(buf):
-        if pos + 12 > len(buf):
-            raise ValueError(f"{path}: truncated record header at byte {pos}")
-        header = buf[pos : pos + 8]
-        (length,) = struct.unpack("<Q", header)
-        (len_crc,) = struct.unpack("<I", buf[pos + 8 : pos + 12])
-        if len_crc != _masked_crc(header):
-            raise ValueError(f"{path}: corrupt record (length crc mismatch) at byte {pos}")
-        start = pos + 12
-        end = start + length
-        if end + 4 > len(buf):
-            raise ValueError(f"{path}: truncated record at byte {pos}")
-        data = buf[start:end]
-        (data_crc,) = struct.unpack("<I", buf[end : end + 4])
-        if data_crc != _masked_crc(data):
-            raise ValueError(f"{path}: corrupt record (data crc mismatch) at byte {pos}")
-        records.append(data)
-        pos = end + 4
-    return records
 
 
 class EventWriter:
-    """Writes scalar summaries to a TensorBoard event file, without TensorFlow.
+    """Writes scalar summaries to a TensorBoard event file, with ``tensorboardX`` (no TensorFlow).
 
-    ``EventWriter(logdir)`` creates ``logdir/events.out.tfevents.<time>.<host>`` (with a numeric
-    suffix if that name is taken) and writes the ``brain.Event:2`` header record. Each
-    :meth:`scalar`/:meth:`scalars` call appends one ``Event`` record; :meth:`flush` makes it
-    durable. Also usable as a context manager.
+    ``EventWriter(logdir)`` creates ``logdir/events.out.tfevents.<time>.<host>.<random hex>``
+    (the random suffix keeps writers started on one directory in the same second apart) holding
+    the ``brain.Event:2`` header record. Each :meth:`scalar`/:meth:`scalars` call appends one
+    ``Event`` record, written at once (tensorboardX's synchronous ``EventsWriter``, not
+    ``SummaryWriter``'s background queue), so :meth:`flush` (flush + fsync) makes everything
+    written so far durable. Also usable as a context manager.
     """
 
-    FILE_VERSION = "brain.Event:2"
-
     def __init__(self, logdir: str | os.PathLike):
+        from tensorboardX.event_file_writer import EventsWriter
+
         self.logdir = os.fspath(logdir)
         os.makedirs(self.logdir, exist_ok=True)
-        host = socket.gethostname() or "localhost"
-        base = os.path.join(self.logdir, f"events.out.tfevents.{int(time.time()):010d}.{host}")
-        path, n = base, 0
-        while os.path.exists(path):
-            n += 1
-            path = f"{base}.{n}"
-        self.path = path
-        self._file = open(self.path, "xb")
-        self._write(_encode_event(time.time(), 0, file_version=self.FILE_VERSION))
+        suffix = "." + uuid.uuid4().hex[:12]
+        self._writer = EventsWriter(os.path.join(self.logdir, "events"), suffix)
+        (self.path,) = glob.glob(os.path.join(glob.escape(self.logdir),
+                                              f"events.out.tfevents.*{suffix}"))
         self.flush()
 
-    def _write(self, event_bytes: bytes) -> None:
-        if self._file is None:
+    def _write(self, step: int, items: list[tuple[str, float]]) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        if self._writer is None:
             raise ValueError(f"EventWriter for {self.path} is closed")
-        self._file.write(_frame(event_bytes))
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=v) for tag, v in items])
+        self._writer.write_event(Event(wall_time=time.time(), step=int(step), summary=summary))
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         """Appends one scalar ``value`` under ``tag`` at ``step``."""
-        self._write(_encode_event(time.time(), int(step), scalars=[(tag, _to_float(value))]))
+        self._write(step, [(str(tag), _to_float(value))])
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         """Appends all ``{tag: value}`` of ``values`` at ``step`` (one Event record).
@@ -279,18 +94,16 @@ class EventWriter:
             except (TypeError, ValueError):
                 continue
         if items:
-            self._write(_encode_event(time.time(), int(step), scalars=items))
+            self._write(step, items)
 
     def flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self) -> None:
-        if self._file is not None:
-            self.flush()
-            self._file.close()
-            self._file = None
+        if self._writer is not None:
+            self._writer.close()  # flushes first
+            self._writer = None
 
     def __enter__(self) -> "EventWriter":
         return self
@@ -306,26 +119,6 @@ def _to_float(value: Any) -> float:
     if arr.size != 1:
         raise ValueError(f"not a scalar: shape {arr.shape}")
     return float(arr.reshape(()))
-
-
-def read_events(path: str | os.PathLike) -> list[tuple[int, str, float]]:
-    """Reads scalar summaries back as ``[(step, tag, value), ...]`` in file order.
-
-    ``path`` is an event file or a directory (all ``*tfevents*`` files in it, by name). Values are
-    the stored float32 as Python floats. Raises ``ValueError`` on a corrupt or truncated record.
-    """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "*tfevents*")))
-    else:
-        files = [path]
-    out = []
-    for fname in files:
-        for rec in _read_records(fname):
-            ev = _decode_event(rec)
-            for tag, value in ev["scalars"]:
-                out.append((ev["step"], tag, value))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

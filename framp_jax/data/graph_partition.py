@@ -67,13 +67,9 @@ class ClientGraph(NamedTuple):
     client_id: int
     num_classes: int
 
-    @property
-    def num_nodes(self) -> int:
-        return int(self.x.shape[0])
-
-    @property
-    def num_edges(self) -> int:
-        return int(self.edge_index.shape[1])
+    # the same fields as a whole Graph's, so the same counts (rows of x, columns of edge_index)
+    num_nodes = Graph.num_nodes
+    num_edges = Graph.num_edges
 
 
 def _to_csr(edge_index: np.ndarray, n: int) -> sp.csr_matrix:

@@ -37,7 +37,6 @@ Notes on content:
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import urllib.request
@@ -47,10 +46,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-try:  # the shared locator, when present; a private one with the same search order otherwise
-    from framp_jax.data import locate as _locate  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on what else is installed in the repo
-    _locate = None
+# search order, cache, error types and file digests: the package's one locator
+from framp_jax.data.locate import (
+    CorruptDatasetError,
+    DatasetNotFoundError,
+    cache_dir as _cache_dir,
+    candidate_dirs,
+    sha256_file,
+)
 
 __all__ = [
     "Graph",
@@ -99,62 +102,8 @@ OGBN_ARXIV_URL = "http://snap.stanford.edu/ogb/data/nodeproppred/arxiv.zip"
 OGB_RAW_FILES = ("edge.csv.gz", "node-feat.csv.gz", "node-label.csv.gz")
 
 
-_CorruptBase = getattr(_locate, "CorruptDatasetError", RuntimeError) if _locate is not None else RuntimeError
-
-
-class ChecksumError(_CorruptBase, ValueError):  # type: ignore[valid-type,misc]
+class ChecksumError(CorruptDatasetError, ValueError):
     """A data file's sha256 differs from the published one."""
-
-
-if _locate is not None and hasattr(_locate, "DatasetNotFoundError"):
-    DatasetNotFoundError = _locate.DatasetNotFoundError  # type: ignore[misc]
-else:
-
-    class DatasetNotFoundError(FileNotFoundError):  # type: ignore[no-redef]
-        """No data directory holds the requested dataset."""
-
-
-def _repo_shared_data() -> Path:
-    # framp_jax/data/graphs.py -> <repo>; the shared data folder sits next to the repo.
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
-def _cache_dir() -> Path:
-    if _locate is not None and hasattr(_locate, "cache_dir"):
-        return Path(_locate.cache_dir())
-    return Path.home() / ".cache" / "framp_jax"
-
-
-def candidate_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Data directories in search order: data_dir, $FRAMP_DATA_DIR, <repo>/../shared/data, cache."""
-    if _locate is not None and hasattr(_locate, "candidate_dirs"):
-        return [Path(p) for p in _locate.candidate_dirs(data_dir)]
-    dirs: list[Path] = []
-    if data_dir is not None:
-        dirs.append(Path(data_dir).expanduser())
-    env = os.environ.get("FRAMP_DATA_DIR")
-    if env:
-        dirs.append(Path(env).expanduser())
-    dirs.append(_repo_shared_data())
-    dirs.append(_cache_dir())
-    out: list[Path] = []
-    for d in dirs:  # keep order, drop repeats
-        if d not in out:
-            out.append(d)
-    return out
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    if _locate is not None and hasattr(_locate, "sha256_file"):
-        return _locate.sha256_file(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def _canonical(name: str) -> str:
