@@ -40,9 +40,10 @@ Widths are ``max(1, ceil(rate * C))`` (HeteroFL ``src/models/resnet.py``: ``int(
 * x))``), the same rule as the models' ``width`` argument, so ``gather`` with prefix indices at
 rate ``r`` yields exactly the param structure of the model built at ``width=r``.
 
-Specs are provided for the small CNN (:func:`cnn_spec`), the post-activation ResNet-18 of
-``models/resnet.py`` (:func:`resnet18_spec`) and the pre-activation models of
-``models/preact.py`` (:func:`preact_cnn_spec`, :func:`preact_resnet18_spec`).
+The specs of the framp_jax models live beside them and are built with :class:`SpecBuilder`:
+``models/cnn.py`` ``cnn_spec``, ``models/resnet.py`` ``resnet18_spec``, ``models/preact.py``
+``preact_cnn_spec`` / ``preact_resnet18_spec``, ``models/gcn.py`` ``gcn_spec``; a run reaches its
+model's through ``models.family.ModelFamily.width_spec``.
 """
 from __future__ import annotations
 
@@ -253,9 +254,12 @@ def norm_topk_indices(params, spec: WidthSpec, rate: float) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# specs of the framp_jax vision models
+# building specs (the specs themselves live beside their models: ``models/cnn.py``,
+# ``models/resnet.py``, ``models/preact.py``, ``models/gcn.py``)
 
-class _Builder:
+class SpecBuilder:
+    """Accumulates units and bindings in model order; ``build()`` -> :class:`WidthSpec`."""
+
     def __init__(self):
         self.units, self.binds = [], []
 
@@ -280,111 +284,17 @@ class _Builder:
 BN_KEYS = ("scale", "offset")
 
 
-def _cnn_like(num_convs: int, bn: bool) -> WidthSpec:
-    s = _Builder()
-    prev = None
-    for i in range(1, num_convs + 1):
-        u = s.unit(f"conv{i}")
-        s.out((f"conv{i}", "kernel"), 3, u)
-        s.vec((f"conv{i}",), u, ("bias",))
-        if bn:
-            s.vec((f"bn{i}",), u, BN_KEYS)
-        if prev is not None:
-            s.inp((f"conv{i}", "kernel"), 2, prev)
-        prev = u
-    # NHWC flatten: dense row p * C + c reads channel c at spatial position p
-    s.inp(("dense", "kernel"), 0, prev, blocks=True)
-    u = s.unit("dense")
-    s.out(("dense", "kernel"), 1, u)
-    s.vec(("dense",), u, ("bias",))
-    s.inp(("classifier", "kernel"), 0, u)
-    return s.build()
+# temporary: consumers move to ModelFamily.width_spec
+_MOVED_SPECS = {"cnn_spec": "framp_jax.models.cnn",
+                "preact_cnn_spec": "framp_jax.models.preact",
+                "resnet18_spec": "framp_jax.models.resnet",
+                "preact_resnet18_spec": "framp_jax.models.preact",
+                "gcn_spec": "framp_jax.models.gcn"}
 
 
-def cnn_spec(num_convs: int = 3) -> WidthSpec:
-    """``models/cnn.py``: units conv1..conv3 outputs and the dense (hidden) output; the input
-    image channels and the classes are never cut."""
-    return _cnn_like(num_convs, bn=False)
-
-
-def preact_cnn_spec(num_convs: int = 3) -> WidthSpec:
-    """``models/preact.py`` small CNN: as :func:`cnn_spec` plus each conv's BN vectors."""
-    return _cnn_like(num_convs, bn=True)
-
-
-STAGES = 4
-BLOCKS = 2
-_FIRST_SHORTCUT = (False, True, True, True)  # stage 1 keeps 64 channels at stride 1
-
-
-def resnet18_spec() -> WidthSpec:
-    """``models/resnet.py`` (post-activation, BN after every conv). Units: per block the inner
-    channel (conv1 out / bn1 / conv2 in) and per stage the residual stream, which the stem (stage
-    1), every block's conv2 + bn2 and the shortcut conv + BN write and the next convs read
-    (HeteroFL ``src/fed.py``: the shortcut takes conv1's input indices and the block's output
-    indices, so the stream shares one index set)."""
-    s = _Builder()
-    stream = s.unit("stage1")
-    s.out(("stem", "kernel"), 3, stream)
-    s.vec(("stem_bn",), stream, BN_KEYS)
-    for st in range(1, STAGES + 1):
-        new_stream = stream if st == 1 else s.unit(f"stage{st}")
-        for b in range(BLOCKS):
-            name = f"layer{st}_{b}"
-            inner = s.unit(f"{name}.conv1")
-            s.inp((name, "conv1", "kernel"), 2, stream)
-            s.out((name, "conv1", "kernel"), 3, inner)
-            s.vec((name, "bn1"), inner, BN_KEYS)
-            s.inp((name, "conv2", "kernel"), 2, inner)
-            s.out((name, "conv2", "kernel"), 3, new_stream)
-            s.vec((name, "bn2"), new_stream, BN_KEYS)
-            if b == 0 and _FIRST_SHORTCUT[st - 1]:
-                s.inp((name, "shortcut", "kernel"), 2, stream)
-                s.out((name, "shortcut", "kernel"), 3, new_stream)
-                s.vec((name, "shortcut_bn"), new_stream, BN_KEYS)
-            stream = new_stream
-    s.inp(("classifier", "kernel"), 0, stream)
-    return s.build()
-
-
-def preact_resnet18_spec() -> WidthSpec:
-    """``models/preact.py`` pre-activation ResNet-18 (HeteroFL ``src/models/resnet.py``): the
-    stem conv (no norm) writes stage 1; a block's ``n1`` normalises its input stream, ``n2`` its
-    inner channel; the shortcut conv (first block of stages 2-4) reads the input stream and writes
-    the new one; ``n4`` and the classifier read the last stream."""
-    s = _Builder()
-    stream = s.unit("stage1")
-    s.out(("stem", "kernel"), 3, stream)
-    for st in range(1, STAGES + 1):
-        new_stream = stream if st == 1 else s.unit(f"stage{st}")
-        for b in range(BLOCKS):
-            name = f"layer{st}_{b}"
-            inner = s.unit(f"{name}.conv1")
-            s.vec((name, "n1"), stream, BN_KEYS)
-            s.inp((name, "conv1", "kernel"), 2, stream)
-            s.out((name, "conv1", "kernel"), 3, inner)
-            s.vec((name, "n2"), inner, BN_KEYS)
-            s.inp((name, "conv2", "kernel"), 2, inner)
-            s.out((name, "conv2", "kernel"), 3, new_stream)
-            if b == 0 and _FIRST_SHORTCUT[st - 1]:
-                s.inp((name, "shortcut", "kernel"), 2, stream)
-                s.out((name, "shortcut", "kernel"), 3, new_stream)
-            stream = new_stream
-    s.vec(("n4",), stream, BN_KEYS)
-    s.inp(("classifier", "kernel"), 0, stream)
-    return s.build()
-
-
-def gcn_spec() -> WidthSpec:
-    """``models/gcn.py`` 2-layer GCN: units = the two hidden widths (conv1 out / conv2 in,
-    conv2 out / classifier in); node features and classes are never cut."""
-    s = _Builder()
-    h1 = s.unit("conv1")
-    s.out(("conv1", "kernel"), 1, h1)
-    s.vec(("conv1",), h1, ("bias",))
-    s.inp(("conv2", "kernel"), 0, h1)
-    h2 = s.unit("conv2")
-    s.out(("conv2", "kernel"), 1, h2)
-    s.vec(("conv2",), h2, ("bias",))
-    s.inp(("classifier", "kernel"), 0, h2)
-    return s.build()
+def __getattr__(name):
+    # imported lazily: the model modules import this module
+    if name in _MOVED_SPECS:
+        import importlib
+        return getattr(importlib.import_module(_MOVED_SPECS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

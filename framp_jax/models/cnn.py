@@ -17,6 +17,9 @@ import jax.numpy as jnp
 from framp_jax.models.base import Model
 from framp_jax.models.layers import (conv2d, max_pool2, pool_out_size, resolve_conv_impl,
                                      uniform_fan_in)
+from framp_jax.width import BN_KEYS, SpecBuilder, WidthSpec
+
+FEATURE_UNITS = ("dense",)  # the classifier's input in cnn_spec
 
 
 def pooled_size(image_shape, num_pools: int = 3) -> tuple[int, int]:
@@ -78,3 +81,54 @@ def make_cnn(num_classes: int, image_shape=(32, 32, 3), channels=(16, 32, 64), h
         return {k: {n: (n == "kernel" or k == "classifier") for n in v} for k, v in params.items()}
 
     return Model(f"cnn(w={width})", init, apply, prunable, hid, num_classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# channel structure (framp_jax.width) and the model family
+
+def cnn_like_spec(num_convs: int, bn: bool) -> WidthSpec:
+    """Units ``conv1..conv<num_convs>`` and ``dense`` of the small CNN's layout; with ``bn`` each
+    conv ``i`` also has the BN vectors ``bn<i>`` (``models/preact.py``)."""
+    s = SpecBuilder()
+    prev = None
+    for i in range(1, num_convs + 1):
+        u = s.unit(f"conv{i}")
+        s.out((f"conv{i}", "kernel"), 3, u)
+        s.vec((f"conv{i}",), u, ("bias",))
+        if bn:
+            s.vec((f"bn{i}",), u, BN_KEYS)
+        if prev is not None:
+            s.inp((f"conv{i}", "kernel"), 2, prev)
+        prev = u
+    # NHWC flatten: dense row p * C + c reads channel c at spatial position p
+    s.inp(("dense", "kernel"), 0, prev, blocks=True)
+    u = s.unit("dense")
+    s.out(("dense", "kernel"), 1, u)
+    s.vec(("dense",), u, ("bias",))
+    s.inp(("classifier", "kernel"), 0, u)
+    return s.build()
+
+
+def cnn_spec(num_convs: int = 3) -> WidthSpec:
+    """:func:`make_cnn`'s units: conv1..conv3 outputs and the dense (hidden) output; the input
+    image channels and the classes are never cut."""
+    return cnn_like_spec(num_convs, bn=False)
+
+
+def family(num_classes: int, input_shape, *, conv_impl: str = "auto",
+           compute_dtype: str = "float32"):
+    """The small CNN's :class:`~framp_jax.models.family.ModelFamily`: ``make(r)`` =
+    :func:`make_cnn` at ``width=r``, ``make_exits`` = ``exits.make_cnn_exits``, ``make_preact`` =
+    ``preact.make_preact_cnn``, each computing in ``compute_dtype``."""
+    from framp_jax.models import exits as E
+    from framp_jax.models.family import image_family
+    from framp_jax.models.preact import make_preact_cnn, preact_cnn_spec
+
+    shape, k = tuple(int(s) for s in input_shape), int(num_classes)
+    return image_family(
+        "cnn", shape, compute_dtype,
+        make=lambda r: make_cnn(k, shape, width=r, conv_impl=conv_impl),
+        make_exits=lambda w, h: E.make_cnn_exits(k, shape, width=w, exits=h, conv_impl=conv_impl),
+        make_preact=lambda r: make_preact_cnn(k, shape, width=r, conv_impl=conv_impl),
+        width_spec=cnn_spec(), feature_units=FEATURE_UNITS, max_exits=E.MAX_EXITS["cnn"],
+        preact_spec=preact_cnn_spec())

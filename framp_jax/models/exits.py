@@ -42,6 +42,7 @@ from framp_jax.models.layers import (batch_norm, conv2d, he_normal, max_pool2, r
                                      uniform_fan_in)
 
 RESNET_STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))
+MAX_EXITS = {"resnet18": 4, "cnn": 3, "gcn": 2}  # exits of each family's full-depth model
 
 
 class ExitModel(NamedTuple):
@@ -94,9 +95,25 @@ def _prunable(params):
     return jax.tree_util.tree_map_with_path(flag, params)
 
 
+def _image_appliers(forward):
+    """``apply`` (the deepest exit's ``(logits, features)``) and ``apply_exits`` (every exit's
+    logits, shallowest first) of an image exit model whose ``forward(params, x)`` returns the
+    ``(logits, features)`` of each exit; ``train`` and ``rng`` are unused (no dropout, static
+    BN)."""
+    def apply(params, x, *, train: bool = False, rng=None):
+        del train, rng
+        return forward(params, x)[-1]
+
+    def apply_exits(params, x, *, train: bool = False, rng=None):
+        del train, rng
+        return [lg for lg, _ in forward(params, x)]
+
+    return apply, apply_exits
+
+
 def make_resnet18_exits(num_classes: int, image_shape=(32, 32, 3), width: float = 1.0,
                         exits: int = 4, conv_impl: str = "auto") -> ExitModel:
-    _check(width, exits, 4)
+    _check(width, exits, MAX_EXITS["resnet18"])
     impl = resolve_conv_impl(conv_impl)
     cin = image_shape[-1]
     widths = [scaled(c, width) for c, _ in RESNET_STAGES]
@@ -149,23 +166,17 @@ def make_resnet18_exits(num_classes: int, image_shape=(32, 32, 3), width: float 
             outs.append(_head(params["classifier" if s == 3 else f"exit{s + 1}"], h))
         return outs
 
-    def apply(params, x, *, train: bool = False, rng=None):
-        del train, rng
-        return forward(params, x)[-1]
-
-    def apply_exits(params, x, *, train: bool = False, rng=None):
-        del train, rng
-        return [lg for lg, _ in forward(params, x)]
-
+    apply, apply_exits = _image_appliers(forward)
     return ExitModel(f"resnet18_exits(w={width},h={exits})", init, apply, _prunable,
-                     widths[n_stages - 1], num_classes, apply_exits, exits, 4, width)
+                     widths[n_stages - 1], num_classes, apply_exits, exits,
+                     MAX_EXITS["resnet18"], width)
 
 
 def make_cnn_exits(num_classes: int, image_shape=(32, 32, 3), channels=(16, 32, 64), hidden=128,
                    width: float = 1.0, exits: int = 3, conv_impl: str = "auto") -> ExitModel:
     from framp_jax.models.cnn import pooled_size
 
-    _check(width, exits, 3)
+    _check(width, exits, MAX_EXITS["cnn"])
     impl = resolve_conv_impl(conv_impl)
     (fh, fw), cin = pooled_size(image_shape, 3), image_shape[-1]
     chans = [scaled(c, width) for c in channels]
@@ -204,17 +215,10 @@ def make_cnn_exits(num_classes: int, image_shape=(32, 32, 3), channels=(16, 32, 
             outs.append((feats @ c["kernel"] + c["bias"], feats))
         return outs
 
-    def apply(params, x, *, train: bool = False, rng=None):
-        del train, rng
-        return forward(params, x)[-1]
-
-    def apply_exits(params, x, *, train: bool = False, rng=None):
-        del train, rng
-        return [lg for lg, _ in forward(params, x)]
-
+    apply, apply_exits = _image_appliers(forward)
     fdim = hid if exits == 3 else chans[exits - 1]
     return ExitModel(f"cnn_exits(w={width},h={exits})", init, apply, _prunable, fdim, num_classes,
-                     apply_exits, exits, 3, width)
+                     apply_exits, exits, MAX_EXITS["cnn"], width)
 
 
 def make_gcn_exits(num_classes: int, in_dim: int, hidden: int = 128, width: float = 1.0,
@@ -226,7 +230,7 @@ def make_gcn_exits(num_classes: int, in_dim: int, hidden: int = 128, width: floa
     embedding the level holds (before dropout)."""
     from framp_jax.models.gcn import _glorot, gcn_layers
 
-    _check(width, exits, 2)
+    _check(width, exits, MAX_EXITS["gcn"])
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     hid = scaled(int(hidden), width)
@@ -258,7 +262,7 @@ def make_gcn_exits(num_classes: int, in_dim: int, hidden: int = 128, width: floa
         return {n: {k: k == "kernel" or not n.startswith("conv") for k in p} for n, p in params.items()}
 
     return ExitModel(f"gcn_exits(w={width},h={exits})", init, apply, prunable, hid, num_classes,
-                     apply_exits, exits, 2, width)
+                     apply_exits, exits, MAX_EXITS["gcn"], width)
 
 
 def make_exits_model(model: str, num_classes: int, image_shape, width: float, exits: int,

@@ -28,9 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from framp_jax.models.base import Model
+from framp_jax.width import SpecBuilder, WidthSpec, width_of
 
 __all__ = ["make_gcn", "make_gcn_width", "gcn_normalization", "graph_arrays", "SparseFeatures",
-           "sparse_features", "feature_matmul"]
+           "sparse_features", "feature_matmul", "gcn_spec", "family"]
+
+FEATURE_UNITS = ("conv2",)  # the classifier's input in gcn_spec
 
 _glorot = jax.nn.initializers.glorot_uniform()
 
@@ -239,3 +242,51 @@ def make_gcn(
 def make_gcn_width(in_dim: int, num_classes: int, hidden: int, dropout: float = 0.5, *, early_exit: bool = False) -> Model:
     """``make_gcn`` at another hidden width (width-scaled baselines: HeteroFL, FedRolex, ScaleFL)."""
     return make_gcn(in_dim, num_classes, hidden=hidden, dropout=dropout, early_exit=early_exit)
+
+
+# ---------------------------------------------------------------------------------------------
+# channel structure (framp_jax.width) and the model family
+
+def gcn_spec() -> WidthSpec:
+    """:func:`make_gcn`'s units: the two hidden widths (conv1 out / conv2 in, conv2 out /
+    classifier in); node features and classes are never cut."""
+    s = SpecBuilder()
+    h1 = s.unit("conv1")
+    s.out(("conv1", "kernel"), 1, h1)
+    s.vec(("conv1",), h1, ("bias",))
+    s.inp(("conv2", "kernel"), 0, h1)
+    h2 = s.unit("conv2")
+    s.out(("conv2", "kernel"), 1, h2)
+    s.vec(("conv2",), h2, ("bias",))
+    s.inp(("classifier", "kernel"), 0, h2)
+    return s.build()
+
+
+def family(num_classes: int, input_shape, *, hidden: int = 128, dropout: float = 0.5,
+           compute_dtype: str = "float32"):
+    """The GCN's :class:`~framp_jax.models.family.ModelFamily` for ``input_shape = (in_dim,)``:
+    ``make(r)`` = :func:`make_gcn` at hidden width ``width_of(hidden, r)`` (``make(1.0)`` is
+    ``make_gcn(in_dim, K, hidden, dropout)``), ``make_exits`` = ``exits.make_gcn_exits``; no
+    pre-activation variant. The GCN computes in float32 only (never wrapped): another
+    ``compute_dtype`` raises ValueError."""
+    from framp_jax.models import exits as E
+    from framp_jax.models.family import ModelFamily, per_width, per_width_exits
+
+    if compute_dtype != "float32":
+        raise ValueError(f"compute_dtype={compute_dtype!r}: the GCN computes in 'float32' only "
+                         "(bfloat16 is for the image models)")
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != 1:
+        raise ValueError(f"input_shape={tuple(input_shape)}: the GCN takes (in_dim,)")
+    in_dim, k, hidden, dropout = shape[0], int(num_classes), int(hidden), float(dropout)
+    return ModelFamily(
+        name="gcn",
+        make=per_width(lambda r: make_gcn_width(in_dim, k, width_of(hidden, r), dropout)),
+        width_spec=gcn_spec(),
+        feature_units=FEATURE_UNITS,
+        make_exits=per_width_exits(lambda w, h: E.make_gcn_exits(k, in_dim, hidden, w, h,
+                                                                 dropout)),
+        max_exits=E.MAX_EXITS["gcn"],
+        make_preact=None,
+        preact_spec=None,
+        input_shape=shape)

@@ -43,9 +43,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from framp_jax.models.cnn import cnn_widths, pooled_size
+from framp_jax.models.cnn import cnn_like_spec, cnn_widths, pooled_size
 from framp_jax.models.layers import conv2d, max_pool2, resolve_conv_impl, uniform_fan_in
-from framp_jax.width import WidthSpec, preact_cnn_spec, preact_resnet18_spec
+from framp_jax.models.resnet import BLOCKS, FIRST_SHORTCUT
+from framp_jax.width import BN_KEYS, SpecBuilder, WidthSpec
 
 STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))
 EPS = 1e-5
@@ -62,6 +63,39 @@ class SBNModel(NamedTuple):
     batch_stats: Callable    # batch_stats(params, x) -> bn_stats pytree of one batch
     width_spec: WidthSpec    # channel units (framp_jax.width)
     rate: float              # Scaler rate (width relative to the global model)
+
+
+def preact_cnn_spec(num_convs: int = 3) -> WidthSpec:
+    """:func:`make_preact_cnn`'s units: as ``models.cnn.cnn_spec`` plus each conv's BN vectors."""
+    return cnn_like_spec(num_convs, bn=True)
+
+
+def preact_resnet18_spec() -> WidthSpec:
+    """:func:`make_preact_resnet18`'s units (HeteroFL ``src/models/resnet.py``): the stem conv
+    (no norm) writes stage 1; a block's ``n1`` normalises its input stream, ``n2`` its inner
+    channel; the shortcut conv (first block of stages 2-4) reads the input stream and writes the
+    new one; ``n4`` and the classifier read the last stream."""
+    s = SpecBuilder()
+    stream = s.unit("stage1")
+    s.out(("stem", "kernel"), 3, stream)
+    for st in range(1, len(STAGES) + 1):
+        new_stream = stream if st == 1 else s.unit(f"stage{st}")
+        for b in range(BLOCKS):
+            name = f"layer{st}_{b}"
+            inner = s.unit(f"{name}.conv1")
+            s.vec((name, "n1"), stream, BN_KEYS)
+            s.inp((name, "conv1", "kernel"), 2, stream)
+            s.out((name, "conv1", "kernel"), 3, inner)
+            s.vec((name, "n2"), inner, BN_KEYS)
+            s.inp((name, "conv2", "kernel"), 2, inner)
+            s.out((name, "conv2", "kernel"), 3, new_stream)
+            if b == 0 and FIRST_SHORTCUT[st - 1]:
+                s.inp((name, "shortcut", "kernel"), 2, stream)
+                s.out((name, "shortcut", "kernel"), 3, new_stream)
+            stream = new_stream
+    s.vec(("n4",), stream, BN_KEYS)
+    s.inp(("classifier", "kernel"), 0, stream)
+    return s.build()
 
 
 def _bn_params(c):
