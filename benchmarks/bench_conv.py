@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from framp_jax.algorithms.fedavg import ce_loss
-from framp_jax.client import LocalConfig, local_train, normalize
+from framp_jax.client import LocalConfig, local_train
+from framp_jax.data.image_modality import normalize
 from framp_jax.models.cnn import make_cnn
 from framp_jax.models.resnet import make_resnet18
 
@@ -187,7 +188,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     cfg = LocalConfig(steps=steps, batch_size=a.batch, lr=0.05)
     x, y, n, keys = client_data(rng, a.clients, n_max)
-    mean, std = cfg.mean, cfg.std
+    mean, std = cfg.modality.mean, cfg.modality.std
     results = {"facts": facts, "settings": dict(clients=a.clients, steps=steps, batch=a.batch, n_max=n_max,
                                                 repeats=repeats, max_seconds=max_s, quick=q,
                                                 resnet_steps=r_steps),

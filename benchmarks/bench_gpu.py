@@ -207,12 +207,13 @@ def program(job: str, built, tiny: bool):
     import jax
     import jax.numpy as jnp
 
-    from framp_jax import simulate
+    from framp_jax.eval import make_evaluator
     c, ctx, alg, data, state, _ = built
     if eval_chunk(job) is None:
         return jax.jit(alg.round, donate_argnums=(0,)), (state, data, jnp.int32(0)), True
     n = EVAL_UNION[0] if tiny else EVAL_UNION[1]
-    return simulate.make_evaluator(alg, ctx), (state, data, data.union_x[:n], data.union_y[:n]), False
+    evaluate = make_evaluator(alg, ctx, c.eval_batch, c.eval_model_chunk)
+    return evaluate, (state, data, data.union_x[:n], data.union_y[:n]), False
 
 
 def make_config(method: str, dtype: str, tiny: bool, triton: bool = False):
@@ -252,10 +253,12 @@ def build(job: str, tiny: bool):
     import numpy as np
 
     from framp_jax import config as C
-    from framp_jax import simulate
-    from framp_jax.algorithms.base import Context, FedData
+    from framp_jax.algorithms.base import FedData
     from framp_jax.client import LocalConfig
+    from framp_jax.data.image_modality import ImageModality
     from framp_jax.data.vision import get_normalization
+    from framp_jax.models.family import model_family
+    from framp_jax.problem import build_algorithm, make_context
 
     method, dtype, triton = split_job(job)
     c = make_config(method, dtype, tiny, triton)
@@ -278,13 +281,15 @@ def build(job: str, tiny: bool):
         union_x=jnp.asarray(rng.integers(0, 256, (n_union,) + image, dtype=np.uint8)),
         union_y=jnp.asarray(rng.integers(0, K, n_union).astype(np.int32)))
     mean, std = get_normalization("cifar10", 3)
+    modality = ImageModality(mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
+                             augment=bool(c.augment))
     local = LocalConfig(steps=c.local_steps, batch_size=c.batch_size, lr=c.lr, momentum=c.momentum,
-                        weight_decay=c.weight_decay, grad_clip=c.grad_clip, augment=c.augment,
-                        mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
-                        min_count=n_train)
-    model = simulate.build_model(c, K, image)
-    ctx = Context(c, model, N, K, budgets, np.arange(N), c.clients_per_round, local, None)
-    alg = simulate.build_algorithm(ctx)
+                        weight_decay=c.weight_decay, grad_clip=c.grad_clip, min_count=n_train,
+                        modality=modality)
+    family = model_family(c.model, K, image, conv_impl=c.conv_impl,
+                          compute_dtype=c.get("compute_dtype", "float32"))
+    ctx = make_context(c, family, modality, K, budgets, np.arange(N), local)
+    alg = build_algorithm(ctx, c)
     state = alg.init(jax.random.key(c.seed), data)
     from framp_jax.models.layers import resolve_conv_impl
     info = {"method": method, "dtype": dtype, "triton_gemm": triton,

@@ -4,7 +4,7 @@ graph preset, the two variants built side by side in one process and timed inter
     python benchmarks/bench_graph_features.py [--dataset coauthor_physics] [--config fedavg_cora.py]
                                               [--rounds 3] [--warmup 1]
 
-Both variants are the engine's real round (``simulate.build_problem`` + ``build_algorithm``,
+Both variants are the engine's real round (``problem.build_problem`` + ``build_algorithm``,
 ``jax.jit(alg.round)`` as ``simulate.run`` jits it) on the same partition of the real graph,
 differing only in ``config.graph_features``. The first call (compile) and ``--warmup`` rounds
 are excluded; the timed rounds alternate dense, sparse, dense, ... Prints the median seconds per
@@ -36,7 +36,7 @@ def main():
     a = ap.parse_args()
 
     from framp_jax.config import sibling_config
-    from framp_jax.simulate import build_algorithm, build_problem
+    from framp_jax.problem import build_algorithm, build_problem
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     load0 = os.getloadavg()
@@ -46,7 +46,7 @@ def main():
         c.dataset, c.graph_features = a.dataset, feats
         t0 = time.time()
         prob = build_problem(c, verbose=False)
-        alg = build_algorithm(prob.ctx)
+        alg = build_algorithm(prob.ctx, c)
         state = alg.init(jax.random.key(c.seed), prob.data)
         fn = jax.jit(alg.round)
         t1 = time.time()

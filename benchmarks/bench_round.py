@@ -1,7 +1,7 @@
 """One FedAvg round of framp_jax against a PyTorch reference of the same round, side by side.
 
 framp_jax: the real jitted ``round`` of ``framp_jax.algorithms.fedavg.fedavg``, built by
-``framp_jax.simulate.build_problem``/``build_algorithm`` from the CPU preset
+``framp_jax.problem.build_problem``/``build_algorithm`` from the CPU preset
 ``experiments/configs/fedavg_cifar10_cpu.py`` on real CIFAR-10, jitted as ``simulate.run`` does
 (``jax.jit(round, donate_argnums=(0,))``, ``t`` traced).
 
@@ -22,7 +22,7 @@ round as the preset configures it (``config.client_map="auto"``: clients by ``la
 ``jax_vmap`` is the real round with ``config.client_map="vmap"`` (the engine's mapping before
 ``client_map`` existed); ``jax_fast`` is a prototype round whose batching is ``fast_local_train``'s (epoch
 permutations computed once per epoch, not twice per step; crop+flip as one gather,
-bit-identical to ``client.augment``), clients mapped as ``jax``.
+bit-identical to ``image_modality.augment``), clients mapped as ``jax``.
 ``--profile`` times pieces of the framp_jax round (batching+augmentation, the gradient scan,
 local training, aggregation) in the jax worker.
 
@@ -91,7 +91,7 @@ def jax_worker(variant: str, warmup: int, profile: bool):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from framp_jax.simulate import build_algorithm, build_problem
+    from framp_jax.problem import build_algorithm, build_problem
 
     c = load_preset()
     client_map, proto = PROTOTYPES.get(variant, (None, False))
@@ -103,7 +103,7 @@ def jax_worker(variant: str, warmup: int, profile: bool):
     prob = build_problem(c, verbose=False)
     setup_s = time.perf_counter() - t0
     ctx, data = prob.ctx, prob.data
-    alg = build_algorithm(ctx)
+    alg = build_algorithm(ctx, c)
     round_impl = _proto_round(ctx, data) if proto else alg.round
     round_fn = jax.jit(round_impl, donate_argnums=(0,))
     state = {"s": alg.init(jax.random.key(c.seed), data)}
@@ -145,7 +145,7 @@ def _resolved_impl(impl):
 
 
 def augment_fused(key, x, pad: int = 4):
-    """Prototype of ``client.augment`` with the same random draws and bit-identical output: the
+    """Prototype of ``image_modality.augment`` with the same random draws and bit-identical output: the
     crop and the flip become one gather with per-image row/column indices, instead of
     pad + vmapped ``dynamic_slice`` + a reversed copy + a select."""
     import jax
@@ -170,7 +170,8 @@ def fast_local_train(loss_fn, params, x_u8, y, count, key, cfg, n_epochs: int):
     import jax
     import jax.numpy as jnp
     import optax
-    from framp_jax.client import _epoch_perm, make_optimizer, normalize
+    from framp_jax.client import make_optimizer
+    from framp_jax.data.image_modality import _epoch_perm, normalize
 
     opt = make_optimizer(cfg)
     kdata, kloss, kperm = (jax.random.fold_in(key, i) for i in range(3))
@@ -182,8 +183,8 @@ def fast_local_train(loss_fn, params, x_u8, y, count, key, cfg, n_epochs: int):
         p, opt_state = carry
         pos = s * bsz + jnp.arange(bsz)
         idx = perms[jnp.minimum(pos // count, n_epochs - 1), pos % count]
-        xb = normalize(x_u8[idx], cfg.mean, cfg.std)
-        if cfg.augment:
+        xb = normalize(x_u8[idx], cfg.modality.mean, cfg.modality.std)
+        if cfg.modality.augment:
             xb = augment_fused(jax.random.fold_in(kdata, s), xb)
         loss, g = jax.value_and_grad(loss_fn)(p, xb, y[idx], jax.random.fold_in(kloss, s))
         upd, opt_state = opt.update(g, opt_state, p)
@@ -236,15 +237,15 @@ PROTOTYPES = {"jax_vmap": ("vmap", False), "jax_fast": (None, True)}
 
 
 def check_augment_fused():
-    """augment_fused must reproduce client.augment exactly (same draws, same pixels)."""
+    """augment_fused must reproduce image_modality.augment exactly (same draws, same pixels)."""
     import jax
     import jax.numpy as jnp
-    from framp_jax.client import augment
+    from framp_jax.data.image_modality import augment
     x = jax.random.normal(jax.random.key(0), (16, 32, 32, 3))
     for i in range(4):
         k = jax.random.key(i)
         if not bool(jnp.array_equal(augment(k, x), augment_fused(k, x))):
-            raise AssertionError("augment_fused differs from framp_jax.client.augment")
+            raise AssertionError("augment_fused differs from framp_jax.data.image_modality.augment")
     return True
 
 
@@ -255,10 +256,11 @@ def profile_pieces(prob, repeats: int = 3):
     import numpy as np
     from framp_jax.aggregate import masked_mean
     from framp_jax.algorithms.fedavg import ce_loss
-    from framp_jax.client import get_batch, local_train
+    from framp_jax.client import local_train
 
     ctx, data = prob.ctx, prob.data
     cfg, model = ctx.local, ctx.model
+    get_batch = cfg.modality.train_batch
     loss_fn = ce_loss(model)
     params = model.init(ctx.init_key())
     ids = ctx.sample_clients(jnp.int32(0))
@@ -278,7 +280,7 @@ def profile_pieces(prob, repeats: int = 3):
     n_epochs = epochs_needed(cfg, np.asarray(data.train_count)[ctx.train_ids])
 
     def batches_fast(x, y, n, keys):
-        from framp_jax.client import _epoch_perm, normalize
+        from framp_jax.data.image_modality import _epoch_perm, normalize
         def one(xx, yy, nn, kk):
             kd, kp = jax.random.fold_in(kk, 0), jax.random.fold_in(kk, 2)
             perms = jax.vmap(lambda e: _epoch_perm(jax.random.fold_in(kp, e), nn, xx.shape[0]))(
@@ -286,7 +288,8 @@ def profile_pieces(prob, repeats: int = 3):
             def body(acc, s):
                 pos = s * cfg.batch_size + jnp.arange(cfg.batch_size)
                 idx = perms[jnp.minimum(pos // nn, n_epochs - 1), pos % nn]
-                xb = augment_fused(jax.random.fold_in(kd, s), normalize(xx[idx], cfg.mean, cfg.std))
+                xb = augment_fused(jax.random.fold_in(kd, s),
+                                   normalize(xx[idx], cfg.modality.mean, cfg.modality.std))
                 return acc + jnp.sum(xb) + jnp.sum(yy[idx]), None
             return jax.lax.scan(body, 0.0, steps)[0]
         return jax.vmap(one)(x, y, n, keys)

@@ -35,26 +35,25 @@ def main():
 
     from framp_jax import masks as M
     from framp_jax import width as W
-    from framp_jax.algorithms.framp_width import spec_for
     from framp_jax.client import LocalConfig, local_train
     from framp_jax.data.vision import load_vision_dataset
     from framp_jax.hypernet import chunked_hypernet
     from framp_jax.losses import cross_entropy
-    from framp_jax.models.cnn import make_cnn
-    from framp_jax.models.resnet import make_resnet18
+    from framp_jax.models.family import model_family
 
     ds = load_vision_dataset("cifar10")
     n = 500
     x = jnp.asarray(ds.x_train[: a.clients * n].reshape(a.clients, n, 32, 32, 3))
     y = jnp.asarray(ds.y_train[: a.clients * n].reshape(a.clients, n).astype(np.int32))
     cnt = jnp.full((a.clients,), n, jnp.int32)
-    model = make_cnn(10) if a.model == "cnn" else make_resnet18(10)
+    family = model_family(a.model, 10, (32, 32, 3))
+    model = family.make(1.0)
     tpl = model.init(jax.random.key(0))
     pr = model.prunable(tpl)
     hn = chunked_hypernet(tpl, chunk_size=4096 if a.model == "cnn" else 16384)
     desc = jax.random.uniform(jax.random.key(1), (a.clients, 11))
     theta = jax.jit(jax.vmap(hn.apply, (None, 0)))(hn.init(jax.random.key(2), desc), desc)
-    spec, _ = spec_for(model.name)
+    spec = family.width_spec
     cfg = LocalConfig(steps=a.steps, batch_size=a.batch, lr=0.05)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(a.clients))
 

@@ -57,7 +57,9 @@ def test_xla_flag_set_at_import_and_accepted_by_the_cpu_backend():
 
 
 def test_auto_formulations_per_backend(monkeypatch):
-    ctx = Context({"client_map": "auto"}, None, 4, 2, np.ones(4), np.arange(4), 2, LocalConfig())
+    ctx = Context(model=None, family=None, modality=None, num_clients=4, num_classes=2,
+                  budgets=np.ones(4), budget_levels=(1.0,), train_ids=np.arange(4),
+                  clients_per_round=2, local=LocalConfig(), client_map="auto")
     want = {"cpu": ("im2col", "map"), "gpu": ("im2col", "vmap"), "tpu": ("xla", "vmap")}
     for backend, (impl, mapping) in want.items():
         monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)

@@ -7,10 +7,14 @@ import numpy as np
 import pytest
 
 from framp_jax import client as CL
-from framp_jax.client import LocalConfig, augment, batch_indices, local_train, normalize
+from framp_jax.client import LocalConfig, local_train
+from framp_jax.data import image_modality as IM
+from framp_jax.data.image_modality import ImageModality, augment, batch_indices, normalize
 from framp_jax.losses import cross_entropy
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+PLAIN = ImageModality(MEAN, STD, augment=False)
+AUG = ImageModality(MEAN, STD, augment=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -39,7 +43,7 @@ def test_batch_indices_jit_with_traced_count_and_step():
 
 
 def test_epoch_perm_puts_padding_after_count():
-    p = np.asarray(CL._epoch_perm(jax.random.key(1), jnp.int32(7), 10))
+    p = np.asarray(IM._epoch_perm(jax.random.key(1), jnp.int32(7), 10))
     np.testing.assert_array_equal(np.sort(p[:7]), np.arange(7))
     np.testing.assert_array_equal(np.sort(p[7:]), [7, 8, 9])
 
@@ -118,7 +122,7 @@ def _linear_problem(n_max=12, count=9, k=3, seed=0):
 
 def test_one_full_batch_step_is_plain_sgd():
     loss_fn, p0, x, y, n = _linear_problem()
-    cfg = LocalConfig(steps=1, batch_size=9, lr=0.1, augment=False, mean=MEAN, std=STD)
+    cfg = LocalConfig(steps=1, batch_size=9, lr=0.1, modality=PLAIN)
     p1, loss = local_train(loss_fn, p0, None, x, y, n, jax.random.key(0), cfg)
     xv = normalize(x[:9], MEAN, STD)
     want_loss, g = jax.value_and_grad(loss_fn)(p0, xv, y[:9], None)
@@ -129,7 +133,7 @@ def test_one_full_batch_step_is_plain_sgd():
 
 def test_lr_override_and_grad_transform():
     loss_fn, p0, x, y, n = _linear_problem()
-    cfg = LocalConfig(steps=3, batch_size=4, lr=0.1, augment=False, mean=MEAN, std=STD)
+    cfg = LocalConfig(steps=3, batch_size=4, lr=0.1, modality=PLAIN)
     key = jax.random.key(5)
     frozen, _ = local_train(loss_fn, p0, None, x, y, n, key, cfg, lr=0.0)
     for k in p0:
@@ -152,7 +156,7 @@ def test_mask_freezes_masked_entries_exactly(start_zero):
         p0 = jax.tree.map(lambda p, m: p * m, p0, mask)
     # momentum, weight decay and clipping all act on the masked entries if the mask leaks
     cfg = LocalConfig(steps=6, batch_size=4, lr=0.5, momentum=0.9, weight_decay=0.1,
-                      grad_clip=1.0, augment=True, mean=MEAN, std=STD)
+                      grad_clip=1.0, modality=AUG)
     p1, loss = local_train(loss_fn, p0, mask, x, y, n, jax.random.key(2), cfg)
     assert np.isfinite(float(loss))
     for k in p0:
@@ -163,7 +167,7 @@ def test_mask_freezes_masked_entries_exactly(start_zero):
 
 def test_same_key_same_result_different_key_different():
     loss_fn, p0, x, y, n = _linear_problem()
-    cfg = LocalConfig(steps=4, batch_size=4, lr=0.1, augment=True, mean=MEAN, std=STD)
+    cfg = LocalConfig(steps=4, batch_size=4, lr=0.1, modality=AUG)
     train = jax.jit(lambda k: local_train(loss_fn, p0, None, x, y, n, k, cfg))
     a, la = train(jax.random.key(11))
     b, lb = train(jax.random.key(11))
@@ -176,7 +180,7 @@ def test_same_key_same_result_different_key_different():
 
 def test_vmapped_clients_match_single_client_runs():
     loss_fn, p0, x, y, _ = _linear_problem(count=12)
-    cfg = LocalConfig(steps=3, batch_size=4, lr=0.1, augment=False, mean=MEAN, std=STD)
+    cfg = LocalConfig(steps=3, batch_size=4, lr=0.1, modality=PLAIN)
     xs, ys = jnp.stack([x, x[::-1]]), jnp.stack([y, y[::-1]])
     ns = jnp.asarray([12, 5], jnp.int32)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(2))
@@ -209,7 +213,7 @@ def test_class_prototypes_hand_computed():
     count = 5  # slots 5, 6 are padding (label 1) and must not count
     x = np.zeros((7, 2, 2, 3), np.uint8)
     x[:, 0, 0, :2] = vals
-    cfg = LocalConfig(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    cfg = LocalConfig(modality=ImageModality(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)))
     protos, counts = CL.class_prototypes(apply, jnp.float32(255.0), jnp.asarray(x), jnp.asarray(y),
                                          jnp.int32(count), 4, cfg, batch=3)
     np.testing.assert_array_equal(counts, [3, 1, 1, 0])
@@ -217,16 +221,14 @@ def test_class_prototypes_hand_computed():
     np.testing.assert_allclose(protos, want, rtol=1e-5)
 
 
-def test_get_batch_steps_of_an_epoch_are_disjoint():
+def test_train_batch_steps_of_an_epoch_are_disjoint():
     """Consecutive steps slice one per-epoch shuffle: 4 batches of 10 over 40 samples cover all
     40 exactly once, and the next epoch is a different order."""
-    import jax
-    import jax.numpy as jnp
-    from framp_jax.client import LocalConfig, get_batch
     n = 40
     x = jnp.zeros((48, 4, 4, 3), jnp.uint8)  # padded to 48 slots
     y = jnp.arange(48, dtype=jnp.int32)
-    cfg = LocalConfig(batch_size=10, augment=False)
+    cfg = LocalConfig(batch_size=10, modality=ImageModality(augment=False))
+    get_batch = cfg.modality.train_batch
     key = jax.random.key(3)
     seen = [int(v) for s in range(4) for v in get_batch(key, x, y, n, s, cfg)[1]]
     assert sorted(seen) == list(range(n))

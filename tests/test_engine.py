@@ -14,6 +14,7 @@ import pytest
 
 from framp_jax import simulate
 from framp_jax.checkpoint import CheckpointManager
+from framp_jax.problem import build_problem
 from framp_jax.rundir import read_metrics_csv
 
 ROUNDS, CKPT_EVERY = 4, 2
@@ -212,7 +213,7 @@ def test_local_only_runs_and_keeps_masked_entries_zero(tiny_config, tmp_path):
         assert np.all(np.asarray(p)[np.asarray(m) == 0] == 0)
     # every client trains its own model: the trained clients all differ (with per-layer masks
     # every layer keeps entries, so small-budget clients learn too)
-    ctx = simulate.build_problem(c).ctx
+    ctx = build_problem(c).ctx
     trained = set(np.asarray(ctx.sample_clients(0)).tolist()) | \
         set(np.asarray(ctx.sample_clients(1)).tolist())
     trained = sorted(trained)

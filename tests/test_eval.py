@@ -7,16 +7,15 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections as mlc
 import numpy as np
 import pytest
 
 from framp_jax import config as C
 from framp_jax.algorithms.base import Algorithm, Context, EvalGroup, FedData
 from framp_jax.client import LocalConfig
-from framp_jax.eval import (batch_for_eval, budget_label, local_accuracy, summarize,
-                            union_accuracy)
-from framp_jax.simulate import eval_metrics, make_evaluator
+from framp_jax.data.image_modality import (ImageModality, batch_for_eval, local_accuracy,
+                                           union_accuracy)
+from framp_jax.eval import budget_label, eval_metrics, make_evaluator, summarize
 
 K = 4
 # normalize(x) = (x/255 - 0) / (1/255) = x: the fake model reads raw pixel values
@@ -129,9 +128,11 @@ def test_union_accuracy_each_model_on_the_union(chunk):
 def test_make_evaluator_routes_groups_to_their_clients():
     tx, ty, tc = client_arrays()
     ux, uy = union_arrays()
-    cfg = mlc.ConfigDict(dict(eval_batch=BATCH, eval_model_chunk=0))
-    ctx = Context(cfg, None, 4, K, np.array([1.0, 0.25, 0.25, 1.0]), np.arange(4), 2,
-                  LocalConfig(mean=MEAN, std=STD))
+    modality = ImageModality(mean=MEAN, std=STD)
+    ctx = Context(model=None, family=None, modality=modality, num_clients=4, num_classes=K,
+                  budgets=np.array([1.0, 0.25, 0.25, 1.0]), budget_levels=(1.0, 0.25),
+                  train_ids=np.arange(4), clients_per_round=2,
+                  local=LocalConfig(modality=modality))
 
     def eval_groups(state, data):
         return [EvalGroup(fake_apply, shifts(0, 2), np.array([0, 3]), per_client=True),
@@ -142,7 +143,7 @@ def test_make_evaluator_routes_groups_to_their_clients():
 
     z = jnp.zeros((4, 1))
     data = FedData(z, z, z, tx, ty, tc, jnp.asarray(ctx.budgets), jnp.ones((4, K)), ux, uy)
-    local, union = make_evaluator(alg, ctx)(None, data, ux, uy)
+    local, union = make_evaluator(alg, ctx, BATCH, model_chunk=0)(None, data, ux, uy)
     local, union = np.asarray(local), np.asarray(union)
     np.testing.assert_allclose(local[[0, 1, 3]], [6 / 7, 5 / 10, 1.0], rtol=1e-6)
     assert math.isnan(local[2])
@@ -177,7 +178,10 @@ def test_eval_metrics_splits_unseen_clients():
     np.testing.assert_array_equal(budgets, [1, 1, 1, 1, 0.25, 0.25, 0.25, 0.25])
     held = [ids.tolist() for ids in C.heldout_ids(c)]
     assert held == [[3], [7]]  # the last client of each level
-    ctx = Context(c, None, 8, K, budgets, np.array([0, 1, 2, 4, 5, 6]), 2, LocalConfig())
+    ctx = Context(model=None, family=None, modality=ImageModality(), num_clients=8,
+                  num_classes=K, budgets=budgets, budget_levels=(1.0, 0.25),
+                  train_ids=np.array([0, 1, 2, 4, 5, 6]), clients_per_round=2,
+                  local=LocalConfig())
     local = np.array([0.1, 0.2, 0.3, 0.9, 0.4, 0.5, 0.6, 0.8])
     union = local / 2
     m = eval_metrics(c, ctx, local, union)

@@ -10,15 +10,17 @@ import numpy as np
 import pytest
 
 from framp_jax import masks as M
-from framp_jax.client import (LocalConfig, _epoch_perm, augment, augment_gather, epoch_perms,
-                              get_batch, local_train, normalize)
+from framp_jax.client import LocalConfig, local_train
+from framp_jax.data.image_modality import (ImageModality, _epoch_perm, augment, augment_gather,
+                                           epoch_perms, normalize)
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
 
 def reference_get_batch(key, x_u8, y, count, step, cfg):
-    """get_batch as first written: two permutations sorted in every step, then the batch is
-    normalised and augmented by ``client.augment`` (the per-image
+    """The training batch as first written (``client.get_batch``, now
+    ``ImageModality.train_batch``): two permutations sorted in every step, then the batch is
+    normalised and augmented by ``image_modality.augment`` (the per-image
     pad + dynamic_slice + flip formulation, still used by HeteroFL's statistics pass)."""
     kperm, kaug = jax.random.split(key)
     ka = jax.random.fold_in(kaug, step)
@@ -29,8 +31,9 @@ def reference_get_batch(key, x_u8, y, count, step, cfg):
     p0 = _epoch_perm(jax.random.fold_in(kperm, e0), count, n_max)
     p1 = _epoch_perm(jax.random.fold_in(kperm, e0 + 1), count, n_max)
     idx = jnp.where(epoch == e0, p0[off], p1[off])
-    xb = normalize(x_u8[idx], cfg.mean, cfg.std)
-    if cfg.augment:
+    m = cfg.modality
+    xb = normalize(x_u8[idx], m.mean, m.std)
+    if m.augment:
         xb = augment(ka, xb)
     return xb, y[idx]
 
@@ -61,14 +64,20 @@ def test_augment_gather_equals_augment_of_normalised_batch(pad):
 @pytest.mark.parametrize("count,batch,aug", [
     (40, 9, True), (5, 9, True), (40, 40, False),
     pytest.param(23, 9, True, marks=pytest.mark.slow), pytest.param(31, 4, True, marks=pytest.mark.slow)])
-def test_get_batch_equals_reference_for_every_step(count, batch, aug):
+def test_train_batch_equals_reference_for_every_step(count, batch, aug):
     n_max, steps = 40, 12
     x, y = _images(n_max, seed=count)
-    cfg = LocalConfig(steps=steps, batch_size=batch, augment=aug, mean=MEAN, std=STD)
+    cfg = LocalConfig(steps=steps, batch_size=batch, modality=ImageModality(MEAN, STD, aug))
     cfg_fast = cfg._replace(min_count=count)
+    get_batch = cfg.modality.train_batch
     for seed in range(3):
         key = jax.random.key(100 + seed)
-        perms = epoch_perms(jax.random.split(key)[0], jnp.int32(count), n_max, cfg_fast)
+        # the modality's epoch_perms splits the data key itself (as local_train passes it)
+        perms = cfg_fast.modality.epoch_perms(key, jnp.int32(count), x, cfg_fast)
+        want_perms = epoch_perms(jax.random.split(key)[0], jnp.int32(count), n_max, cfg_fast)
+        assert (perms is None) == (want_perms is None)
+        if perms is not None:
+            assert np.array_equal(np.asarray(perms), np.asarray(want_perms))
         if count >= 23:  # few enough epochs to precompute
             assert perms is not None
         ref = jax.jit(lambda s: reference_get_batch(key, x, y, jnp.int32(count), s, cfg))
@@ -97,7 +106,7 @@ def test_local_train_same_params_with_precomputed_permutations():
     def loss(p, xb, yb, rng):
         logp = jax.nn.log_softmax(xb.reshape(xb.shape[0], -1) @ p["w"])
         return -jnp.mean(jnp.take_along_axis(logp, yb[:, None], 1))
-    cfg = LocalConfig(steps=9, batch_size=8, lr=0.1, mean=MEAN, std=STD)
+    cfg = LocalConfig(steps=9, batch_size=8, lr=0.1, modality=ImageModality(MEAN, STD))
     key = jax.random.key(7)
     a, la = jax.jit(lambda: local_train(loss, w0, None, x, y, jnp.int32(26), key, cfg))()
     b, lb = jax.jit(lambda: local_train(loss, w0, None, x, y, jnp.int32(26), key,

@@ -11,8 +11,10 @@ import pytest
 
 from framp_jax import masks as M
 from framp_jax.algorithms import fiarse as F
+from framp_jax.algorithms.registry import resolve
 from framp_jax.client import LocalConfig, local_train
-from framp_jax.config import ConfigError, base_config
+from framp_jax.config import ConfigError, base_config, validate
+from framp_jax.data.image_modality import ImageModality
 
 W = jnp.array([0.1, -0.5, 2.0])
 TAU = jnp.float32(0.5)
@@ -58,7 +60,7 @@ def test_weight_shrinking_below_tau_leaves_the_forward():
         w_eff = F.effective_params(p, taus, prunable, False)["layer"]["kernel"]
         return jnp.sum((w_eff - target) ** 2)
 
-    cfg = LocalConfig(steps=5, batch_size=2, lr=0.1, augment=False)
+    cfg = LocalConfig(steps=5, batch_size=2, lr=0.1, modality=ImageModality(augment=False))
     x = jnp.zeros((4, 8, 8, 3), jnp.uint8)
     y = jnp.zeros((4,), jnp.int32)
     new, _ = local_train(loss, params, None, x, y, jnp.int32(4), jax.random.key(0), cfg)
@@ -139,18 +141,25 @@ def test_bad_options_are_rejected():
     c = base_config()
     c.method = "fiarse"
     import ml_collections as mlc
+    options = lambda c: resolve(c)[1]  # config.fiarse over fiarse_defaults(), validated
     c.fiarse = mlc.ConfigDict({"scope": "layer", "mask_grad": "masked", "server_lr": 1.0})
     with pytest.raises(ConfigError, match="fiarse.scope"):
-        F.options(c)
+        options(c)
+    with pytest.raises(ConfigError, match="fiarse.scope"):
+        validate(c)
     c.fiarse.scope = "groupwise"
     c.fiarse.mask_grad = "ste"
     with pytest.raises(ConfigError, match="fiarse.mask_grad"):
-        F.options(c)
+        options(c)
     c.fiarse.mask_grad = "fiarse_paper"
-    assert F.options(c)["scope"] == "groupwise"
+    assert options(c)["scope"] == "groupwise"
+    validate(c)
     c.weight_decay = 1e-4
     with pytest.raises(ConfigError, match="weight_decay"):
-        F.options(c)
+        options(c)
+    with pytest.raises(ConfigError, match="weight_decay") as e:  # before any data load
+        validate(c)
+    assert e.value.field == "weight_decay"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +194,7 @@ def _tiny_config(npz, **fiarse_opts):
     c.eval_last = 1
     c.eval_batch = 4
     c.checkpoint_every = 50
-    c.fiarse = mlc.ConfigDict(dict(F.DEFAULTS, **fiarse_opts))
+    c.fiarse = mlc.ConfigDict(dict(F.fiarse_defaults().to_dict(), **fiarse_opts))
     return c
 
 
@@ -207,12 +216,12 @@ def test_round_leaves_untrained_entries_unchanged(tiny_npz):
     """All clients at budget 1/4: an entry below every client's threshold (all share the global
     model's τ) is never in a forward, gets no gradient, so no client changes it and the server
     keeps it; kept entries and the unmasked hidden biases move."""
-    from framp_jax.simulate import build_algorithm, build_problem
+    from framp_jax.problem import build_algorithm, build_problem
     c = _tiny_config(tiny_npz)
     c.budget_levels = (0.25,)
     c.budget_dist = (1,)
     prob = build_problem(c, verbose=False)
-    alg = build_algorithm(prob.ctx)
+    alg = build_algorithm(prob.ctx, c)
     state = alg.init(jax.random.key(0), prob.data)
     p0 = jax.tree.map(np.asarray, state["params"])
     new, m = jax.jit(alg.round)(state, prob.data, jnp.int32(0))

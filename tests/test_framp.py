@@ -14,6 +14,7 @@ from framp_jax.config import ConfigError, base_config, validate
 from framp_jax.hypernet import chunked_hypernet
 from framp_jax.losses import proto_align_batch, proto_align_fedproto
 from framp_jax.models.cnn import make_cnn
+from framp_jax.problem import build_algorithm, build_problem
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,8 @@ def tiny_config(path, **kw):
 
 
 def _setup(c):
-    prob = simulate.build_problem(c, verbose=False)
-    alg = simulate.build_algorithm(prob.ctx)
+    prob = build_problem(c, verbose=False)
+    alg = build_algorithm(prob.ctx, c)
     return prob, alg, alg.init(jax.random.key(c.seed), prob.data)
 
 
@@ -169,7 +170,7 @@ def test_width_extraction_trains_narrow_models(tiny_npz):
     th = alg.round.parts["generate"](st["phi"], st["desc"][:1])
     th0 = jax.tree.map(lambda a: a[0], th)
     from framp_jax.algorithms.framp_width import WidthExtraction
-    wx = WidthExtraction(prob.ctx, tpl, pr)
+    wx = WidthExtraction(prob.ctx, c.framp.width_rates, tpl, pr)
     for b, r in wx.rates.items():
         nar = wx.narrow(th0, r)
         # genuinely narrower: conv2 kernel is [3,3,ceil(r*16)... ] of the largest-norm channels
@@ -221,9 +222,9 @@ def _poison_model(model):
 
 def test_nan_client_changes_nothing(tiny_npz):
     c = tiny_config(tiny_npz, clients_per_round=8)
-    prob = simulate.build_problem(c, verbose=False)
+    prob = build_problem(c, verbose=False)
     ctx = prob.ctx._replace(model=_poison_model(prob.model))
-    alg = simulate.build_algorithm(ctx)
+    alg = build_algorithm(ctx, c)
     st0 = alg.init(jax.random.key(0), prob.data)
     rnd = jax.jit(alg.round)
     j = 3

@@ -213,7 +213,7 @@ def test_sparse_features_give_the_dense_outputs_and_gradients(clients):
 
 
 def test_choose_features_auto_rule():
-    from framp_jax.graph_engine import choose_features
+    from framp_jax.data.graph_modality import choose_features
     assert choose_features("auto", 1000, 49) == "sparse"
     assert choose_features("auto", 1000, 50) == "dense"
     assert choose_features("sparse", 10, 10) == "sparse" and choose_features("dense", 10, 0) == "dense"

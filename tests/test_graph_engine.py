@@ -14,8 +14,8 @@ from framp_jax import config as C
 from framp_jax.algorithms.fedavg import ce_loss
 from framp_jax.data import graph_partition as gp
 from framp_jax.data.graphs import Graph
-from framp_jax.graph_engine import (GraphClients, graph_fed_arrays, graph_local_accuracy,
-                                    graph_union_accuracy)
+from framp_jax.data.graph_modality import (GraphClients, GraphModality, graph_fed_arrays,
+                                           graph_local_accuracy, graph_union_accuracy)
 from framp_jax.models.gcn import make_gcn
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -66,9 +66,12 @@ def test_graph_local_accuracy_hand_built():
     # logits_fn gets each client's label-count row: client 0 lacks class 0 -> 0 of 3 correct
     rows = jnp.asarray([[0, 1, 1], [1, 1, 1], [1, 1, 1]], jnp.float32)
     fn = lambda lg, row: lg - 10.0 * (row == 0)
-    acc = np.asarray(graph_local_accuracy(_fake_apply, {"w": ID}, x, y, cnt, None, None, 20, fn,
-                                          rows, True))
+    acc = np.asarray(graph_local_accuracy(_fake_apply, {"w": ID}, x, y, cnt, fn, rows, True))
     np.testing.assert_allclose(acc[:2], [0.0, 1.0], rtol=1e-6)
+    # the modality's method (the evaluator's entry point; the eval batch size is ignored)
+    acc_m = np.asarray(GraphModality(3).local_accuracy(_fake_apply, {"w": ID}, x, y, cnt, 20, fn,
+                                                       rows, True))
+    np.testing.assert_array_equal(acc_m, acc)
 
 
 def test_graph_union_accuracy_pools_test_nodes():
@@ -77,8 +80,10 @@ def test_graph_union_accuracy_pools_test_nodes():
     acc = np.asarray(jax.jit(lambda p: graph_union_accuracy(_fake_apply, p, x, y))(stack))
     # 5 test nodes in all; identity model: 2 + 2 correct; shifted: client 0 node 1 only
     np.testing.assert_allclose(acc, [4 / 5, 1 / 5], rtol=1e-6)
-    acc1 = np.asarray(graph_union_accuracy(_fake_apply, stack, x, y, None, None, 20, 1))
+    acc1 = np.asarray(graph_union_accuracy(_fake_apply, stack, x, y, 1))
     np.testing.assert_allclose(acc1, acc)  # model_chunk does not change the result
+    acc_m = np.asarray(GraphModality(3).union_accuracy(_fake_apply, stack, x, y, 20, 1))
+    np.testing.assert_allclose(acc_m, acc)  # the modality's method, eval batch size ignored
 
 
 # --------------------------------------------------------------------------- synthetic graph
@@ -189,7 +194,7 @@ def test_graph_config_validation():
 
 @needs_cora
 def test_build_problem_cora_and_citeseer_override():
-    from framp_jax.simulate import build_problem
+    from framp_jax.problem import build_problem
     c = _preset("fedavg_cora")
     c.data_dir = str(SHARED)
     p = build_problem(c, verbose=False)

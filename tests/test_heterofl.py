@@ -14,7 +14,8 @@ from framp_jax import width as W
 from framp_jax.algorithms.fedrolex import fedrolex_defaults
 from framp_jax.algorithms.heterofl import (Part, combine, combine_official_counts, heterofl_defaults,
                                            lr_at, sbn_statistics)
-from framp_jax.config import ConfigError, base_config
+from framp_jax.config import ConfigError, base_config, validate
+from framp_jax.data.image_modality import ImageModality
 from framp_jax.models.preact import make_preact_cnn
 
 # a toy model: hidden layer [2 inputs -> 4 units h] then classifier [h -> 3 classes]
@@ -119,7 +120,8 @@ def test_sbn_statistics_equal_the_population_statistics_of_the_first_bn():
     p = m.init(jax.random.key(0))
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     data = _Data(jnp.asarray(x), jnp.asarray(counts))
-    stats = jax.jit(lambda p, d, cap, b: sbn_statistics(m, p, d, np.arange(3), cap, b, mean, std,
+    modality = ImageModality(mean, std)
+    stats = jax.jit(lambda p, d, cap, b: sbn_statistics(m, p, d, np.arange(3), cap, b, modality,
                                                          False, jax.random.key(1)),
                     static_argnums=(2, 3))
     st = stats(p, data, 0, 8)
@@ -230,7 +232,7 @@ def test_rolling_round_moves_the_window(tmp_path):
     """One FedRolex round at t = 1 with one 1/16-budget client only (rate 1/4 of conv1's 16
     channels = 4): conv1 output channels (j - 1) mod 16 for j < 4 = {15, 0, 1, 2} change, the
     others keep the global value."""
-    from framp_jax.simulate import build_algorithm, build_problem
+    from framp_jax.problem import build_algorithm, build_problem
     npz = _tiny_npz(tmp_path / "tiny.npz")
     c = _config(npz, "fedrolex", label_mask=False)
     c.clients_per_round = 1
@@ -238,7 +240,7 @@ def test_rolling_round_moves_the_window(tmp_path):
     c.budget_dist = (1,)
     c.fedrolex.rates = (0.25,)
     prob = build_problem(c, verbose=False)
-    alg = build_algorithm(prob.ctx)
+    alg = build_algorithm(prob.ctx, c)
     state = alg.init(None, prob.data)
     old = state["params"]["conv1"]["kernel"]
     new_state, m = jax.jit(alg.round)(state, prob.data, jnp.int32(1))
@@ -249,7 +251,7 @@ def test_rolling_round_moves_the_window(tmp_path):
 
 
 def test_bad_options_are_rejected(tmp_path):
-    from framp_jax.simulate import build_algorithm, build_problem
+    from framp_jax.problem import build_problem
     npz = _tiny_npz(tmp_path / "tiny.npz")
     for method, opts, field in [("fedrolex", {"algo": "window"}, "fedrolex.algo"),
                                 ("heterofl", {"rates": (1.0,)}, "heterofl.rates"),
@@ -257,6 +259,9 @@ def test_bad_options_are_rejected(tmp_path):
                                 ("fedrolex", {"eval_bn": "none"}, "fedrolex.eval_bn"),
                                 ("fedrolex", {"algo": "random", "eval_window": "last"},
                                  "fedrolex.eval_window")]:
-        with pytest.raises(ConfigError) as e:  # FedRolex's options fail in config.validate
-            build_algorithm(build_problem(_config(npz, method, **opts), verbose=False).ctx)
+        with pytest.raises(ConfigError) as e:  # the width options fail in config.validate
+            validate(_config(npz, method, **opts))
+        assert e.value.field == field
+        with pytest.raises(ConfigError) as e:  # so before build_problem loads any data
+            build_problem(_config(npz, method, **opts), verbose=False)
         assert e.value.field == field

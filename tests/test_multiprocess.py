@@ -150,10 +150,10 @@ def _rows(workdir):
 
 def _final_params(c, workdir, round):
     """The checkpointed state of ``round`` (restored onto this process's one device)."""
-    from framp_jax import simulate
     from framp_jax.checkpoint import CheckpointManager
-    prob = simulate.build_problem(c, verbose=False)
-    alg = simulate.build_algorithm(prob.ctx)
+    from framp_jax.problem import build_algorithm, build_problem
+    prob = build_problem(c, verbose=False)
+    alg = build_algorithm(prob.ctx, c)
     target = alg.init(jax.random.key(c.seed), prob.data)
     with CheckpointManager(os.path.join(workdir, "checkpoints"), keep=None) as m:
         state, extra = m.restore(round, target=target)

@@ -15,8 +15,11 @@ import pytest
 from framp_jax import masks as M
 from framp_jax import simulate
 from framp_jax import width as W
-from framp_jax.client import LocalConfig, get_batch, local_train
+from framp_jax.client import LocalConfig, local_train
 from framp_jax.config import ConfigError, validate
+from framp_jax.data.graph_modality import GraphModality
+from framp_jax.data.image_modality import ImageModality
+from framp_jax.problem import build_algorithm, build_problem
 from framp_jax.losses import cross_entropy
 
 
@@ -75,8 +78,9 @@ def test_last_epoch_train_features_by_hand(steps):
     x = rng.integers(0, 256, size=(8, 3)).astype(np.uint8)
     x[6:] = 255  # padding rows
     y = np.array([0, 1, 2, 0, 1, 1, 2, 2], np.int32)
-    cfg = LocalConfig(steps=steps, batch_size=batch, lr=lr, augment=False, mean=(0.0, 0.0, 0.0),
-                      std=(1.0, 1.0, 1.0))
+    cfg = LocalConfig(steps=steps, batch_size=batch, lr=lr,
+                      modality=ImageModality(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                                             augment=False))
     p0 = _linear_params(rng)
     key = jax.random.key(3)
     params, _, (sums, counts) = local_train(
@@ -87,7 +91,8 @@ def test_last_epoch_train_features_by_hand(steps):
     e = min(steps, math.ceil(count / batch))
     p, want_s, want_c, seen = p0, np.zeros((k, 2)), np.zeros(k), []
     for s in range(steps):
-        xb, yb = get_batch(kdata, jnp.asarray(x), jnp.asarray(y), jnp.int32(count), s, cfg)
+        xb, yb = cfg.modality.train_batch(kdata, jnp.asarray(x), jnp.asarray(y),
+                                          jnp.int32(count), s, cfg)
         xb, yb = np.asarray(xb, np.float64), np.asarray(yb)
         assert not np.any(np.all(xb == 1.0, axis=1))  # no padding row was drawn
         p, f = _np_sgd_step(p, xb, yb, lr)
@@ -109,7 +114,7 @@ def test_last_epoch_train_full_batch_graph_ignores_unlabelled_nodes():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(5, 3)).astype(np.float32)
     y = np.array([0, -1, 1, 1, -1], np.int32)
-    cfg = LocalConfig(steps=3, lr=0.3, full_batch=True, augment=False)
+    cfg = LocalConfig(steps=3, lr=0.3, modality=GraphModality(3))
     p0 = _linear_params(rng)
     _, _, (sums, counts) = local_train(
         _linear_loss, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p0), None,
@@ -138,9 +143,9 @@ def test_framp_last_epoch_prototypes_match_a_python_replay(tiny_config):
     proto_weighting="uniform" is the unweighted mean over the clients holding each class."""
     c = _framp_config(tiny_config, {"proto_timing": "last_epoch_train",
                                     "proto_weighting": "uniform"}, local_steps=8)
-    prob = simulate.build_problem(c, verbose=False)
+    prob = build_problem(c, verbose=False)
     ctx = prob.ctx._replace(model=_train_shifted(prob.model))
-    alg = simulate.build_algorithm(ctx)
+    alg = build_algorithm(ctx, c)
     st = alg.init(jax.random.key(0), prob.data)
     parts = alg.round.parts
     ids = ctx.sample_clients(0)
@@ -164,7 +169,7 @@ def test_framp_last_epoch_prototypes_match_a_python_replay(tiny_config):
         e = min(cfg.steps, -(-int(n[i]) // cfg.batch_size))
         sums, cts = np.zeros((ctx.num_classes, ctx.model.feature_dim)), np.zeros(ctx.num_classes)
         for s in range(cfg.steps):
-            xb, yb = get_batch(kdata, x[i], y[i], n[i], s, cfg)
+            xb, yb = cfg.modality.train_batch(kdata, x[i], y[i], n[i], s, cfg)
             if s >= cfg.steps - e:
                 oh = np.eye(ctx.num_classes)[np.asarray(yb)]
                 sums += oh.T @ np.asarray(feats(p, xb), np.float64)
@@ -179,8 +184,7 @@ def test_framp_last_epoch_prototypes_match_a_python_replay(tiny_config):
         cnts.append(np.asarray(cnt))
     # the default (SPEC §1.6, eval-mode pass) differs: no +1 shift, other parameters
     c2 = _framp_config(tiny_config, local_steps=8)
-    alg2 = simulate.build_algorithm(prob.ctx._replace(model=_train_shifted(prob.model),
-                                                      config=c2))
+    alg2 = build_algorithm(prob.ctx._replace(model=_train_shifted(prob.model)), c2)
     th0 = jax.tree.map(lambda a: a[0], theta)
     post = jax.jit(alg2.round.parts["client_topk"])(th0, budgets[0], x[0], y[0], n[0], keys[0],
                                                     st["protos"], st["proto_valid"])[2]
@@ -282,7 +286,7 @@ def test_fedrolex_weighting_is_validated_before_data_loads(tiny_config, tmp_path
     assert e.value.field == "fedrolex.weighting" and "'size'" in str(e.value)
     assert "avg" in str(e.value) and "width" in str(e.value)
     with pytest.raises(ConfigError):
-        simulate.build_problem(c, verbose=False)
+        build_problem(c, verbose=False)
 
 
 @pytest.mark.slow  # ~60 s; the weighting itself is checked by hand in the default suite
@@ -456,8 +460,8 @@ def test_pfedhn_round_updates_the_sampled_embedding_rows(tiny_config):
     c = _framp_config(tiny_config, {"hypernet": "pfedhn", "hn_optimizer": "sgd", "hn_lr": 0.1,
                                     "embed_lr": 0.5}, heldout_frac=0.5,
                        clients_per_round=2)
-    prob = simulate.build_problem(c, verbose=False)
-    alg = simulate.build_algorithm(prob.ctx)
+    prob = build_problem(c, verbose=False)
+    alg = build_algorithm(prob.ctx, c)
     st = alg.init(jax.random.key(0), prob.data)
     new, m = jax.jit(alg.round)(st, prob.data, jnp.int32(0))
     assert np.isfinite(float(m["train_loss"]))

@@ -11,10 +11,12 @@ from jax import lax
 
 from framp_jax import config as C
 from framp_jax import simulate
+from framp_jax.eval import make_evaluator
 from framp_jax.models.cnn import make_cnn
 from framp_jax.models.layers import batch_norm, with_compute_dtype
 from framp_jax.models.preact import make_preact_resnet18
 from framp_jax.models.resnet import make_resnet18
+from framp_jax.problem import build_algorithm, build_problem
 
 
 def _dot_dtypes(fn, *args):
@@ -102,8 +104,8 @@ def test_compute_dtype_is_validated(tiny_config):
 
 
 def _train(c, rounds):
-    prob = simulate.build_problem(c, verbose=False)
-    alg = simulate.build_algorithm(prob.ctx)
+    prob = build_problem(c, verbose=False)
+    alg = build_algorithm(prob.ctx, c)
     counter = simulate.TraceCounter(alg.round)
     rnd = jax.jit(counter)
     state = alg.init(jax.random.key(c.seed), prob.data)
@@ -111,8 +113,8 @@ def _train(c, rounds):
     for t in range(rounds):
         state, m = rnd(state, prob.data, jnp.int32(t))
         losses.append(float(m["train_loss"]))
-    la, ua = simulate.make_evaluator(alg, prob.ctx)(state, prob.data, prob.data.union_x,
-                                                     prob.data.union_y)
+    la, ua = make_evaluator(alg, prob.ctx, c.eval_batch, c.eval_model_chunk)(
+        state, prob.data, prob.data.union_x, prob.data.union_y)
     return state, losses, np.asarray(la), np.asarray(ua), counter.count
 
 

@@ -181,8 +181,8 @@ def _inject(monkeypatch, nan_at=None, loss_at=None):
     ``loss_at`` (0-based), as a partly or fully diverging round would."""
     real = simulate.build_algorithm
 
-    def patched(ctx):
-        alg = real(ctx)
+    def patched(ctx, c):
+        alg = real(ctx, c)
 
         def round_(state, data, t):
             state, m = alg.round(state, data, t)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from framp_jax.algorithms import scalefl as S
-from framp_jax.config import ConfigError, base_config
+from framp_jax.config import ConfigError, base_config, validate
 from framp_jax.models import exits as E
+from framp_jax.models.family import model_family
 
 # ------------------------------------------------------------------------------------------
 # level sizes (no training)
@@ -23,12 +24,13 @@ SPEC_FRACTIONS = {  # SPEC §4.3: (width, exits) -> measured parameter fraction 
 
 def test_resnet18_level_fractions_match_spec():
     levels = {i: (h, w) for i, (w, h) in enumerate(SPEC_FRACTIONS)}
-    fr = S.level_fractions("resnet18", 10, (32, 32, 3), levels)
+    family = model_family("resnet18", 10, (32, 32, 3))
+    fr = S.level_fractions(family, levels)
     for i, key in enumerate(SPEC_FRACTIONS):
         assert abs(fr[i] - SPEC_FRACTIONS[key]) <= 1e-3, (key, fr[i])
     # the default map of SPEC §4.3
     c = _tiny_config("npz:/dev/null", model="resnet18")
-    d = S.level_fractions("resnet18", 10, (32, 32, 3), S.level_map(c))
+    d = S.level_fractions(family, _level_map(c))
     for b, want in {0.015625: 0.0152, 0.0625: 0.0622, 0.25: 0.2484, 1.0: 1.0}.items():
         assert abs(d[b] - want) <= 1e-3
 
@@ -159,6 +161,10 @@ def _tiny_npz(tmp_path, n_train=240, n_test=80, k=4):
     return f"npz:{p}"
 
 
+def _level_map(c):
+    return S.level_map(c.model, c.budget_levels, c.scalefl)
+
+
 def _tiny_config(dataset, model="cnn", **kw):
     c = base_config()
     c.method = "scalefl"
@@ -183,23 +189,29 @@ def _tiny_config(dataset, model="cnn", **kw):
 def test_config_errors(tmp_path):
     c = _tiny_config(_tiny_npz(tmp_path), exits=(3, 2), widths=(1.0, 0.5))
     with pytest.raises(ConfigError, match="scalefl.exits"):
-        S.level_map(c)
+        _level_map(c)
+    with pytest.raises(ConfigError, match="scalefl.exits"):  # before any data load
+        validate(c)
     c = _tiny_config(_tiny_npz(tmp_path), exits=(3, 4, 2, 1), widths=(1.0, 1.0, 0.5, 0.5))
     with pytest.raises(ConfigError, match="1..3"):
-        S.level_map(c)
+        _level_map(c)
+    with pytest.raises(ConfigError, match="1..3"):
+        validate(c)
     c = _tiny_config(_tiny_npz(tmp_path))
     c.budget_levels = (1.0, 0.5)
     c.budget_dist = (1, 1)
     with pytest.raises(ConfigError, match="default map"):
-        S.level_map(c)
+        _level_map(c)
+    with pytest.raises(ConfigError, match="default map"):
+        validate(c)
 
 
 def test_round_aggregates_only_covered_entries(tmp_path):
-    from framp_jax.simulate import build_algorithm, build_problem
+    from framp_jax.problem import build_algorithm, build_problem
     c = _tiny_config(_tiny_npz(tmp_path), kd_gamma=1.0)
     c.clients_per_round = 2  # 4 levels, 2 clients: two levels sit out each round
     prob = build_problem(c, verbose=False)
-    alg = build_algorithm(prob.ctx)
+    alg = build_algorithm(prob.ctx, c)
     state = alg.init(None, prob.data)
     g = jax.tree.map(np.asarray, state["params"])
     new, m = jax.jit(alg.round)(state, prob.data, jnp.int32(0))
@@ -298,9 +310,9 @@ def test_gcn_level_map_and_fractions_by_hand():
     c = base_config()
     c.model, c.budget_levels = "gcn", (1.0, 0.25, 0.0625, 0.015625)
     c.scalefl = S.default_options()
-    lv = S.level_map(c)
+    lv = _level_map(c)
     assert lv == S.DEFAULT_LEVELS["gcn"]
-    fr = S.level_fractions("gcn", 7, (1433,), lv, hidden=128)
+    fr = S.level_fractions(model_family("gcn", 7, (1433,), gcn_hidden=128), lv)
     # prunable: conv kernels + exit/classifier kernels and biases (conv biases not)
     tot = 1433 * 128 + 128 * 128 + 2 * (128 * 7 + 7)
     want = {1.0: 1.0, 0.25: (1433 * 32 + 32 * 32 + 2 * (32 * 7 + 7)) / tot,
@@ -309,4 +321,4 @@ def test_gcn_level_map_and_fractions_by_hand():
         assert fr[b] == pytest.approx(v, rel=1e-9), b
     c.scalefl.exits, c.scalefl.widths = (3, 2, 1, 1), (1.0, 0.25, 0.0625, 0.015625)
     with pytest.raises(ConfigError, match="1..2"):
-        S.level_map(c)
+        _level_map(c)

@@ -19,6 +19,7 @@ SCRIPT = textwrap.dedent(r'''
     from framp_jax import simulate
     from framp_jax.checkpoint import CheckpointManager
     from framp_jax.config import base_config
+    from framp_jax.problem import build_algorithm, build_problem
     from framp_jax.rundir import read_metrics_csv
 
     fields, workdir = json.loads(sys.argv[1]), sys.argv[2]
@@ -33,8 +34,8 @@ SCRIPT = textwrap.dedent(r'''
 
     # the sharded round function really splits the clients over the mesh
     c8 = config(8)
-    prob = simulate.build_problem(c8, verbose=False)
-    alg = simulate.build_algorithm(prob.ctx)
+    prob = build_problem(c8, verbose=False)
+    alg = build_algorithm(prob.ctx, c8)
     state = alg.init(None, prob.data)
     text = jax.jit(alg.round).lower(state, prob.data, jnp.int32(0)).as_text()
     out["mesh_in_module"] = '"clients"=8' in text

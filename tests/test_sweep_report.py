@@ -20,6 +20,7 @@ from framp_jax import config as C
 from framp_jax import reference_numbers as R
 from framp_jax import report as REP
 from framp_jax import sweep as S
+from framp_jax.algorithms.registry import names
 
 from conftest import TINY_FIELDS
 
@@ -54,7 +55,7 @@ def test_sweep_file_resolves_and_validates(name):
     if name == "citeseer.py":
         assert {c.dataset for c in cfgs} == {"citeseer"}
     if name in ("cifar10_cpu.py", "cora.py", "citeseer.py"):
-        assert {c.method for c in cfgs} == set(C.METHODS)
+        assert {c.method for c in cfgs} == set(names())
     if name.startswith("cifar"):
         assert {c.framp.extraction for c in cfgs if c.method == "framp"} == {"topk", "width"}
     if name == "unseen_cifar10.py":
