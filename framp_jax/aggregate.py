@@ -4,6 +4,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from framp_jax.algorithms.rounds import holders_mean
+
 
 def _bcast(w, x):
     return w.reshape(w.shape + (1,) * (x.ndim - 1))
@@ -23,7 +25,7 @@ def masked_mean(global_params, client_params, masks=None, weights=None):
         cover = _bcast(w, p) if mk is None else mk * _bcast(w, p)
         num = jnp.sum(jnp.where(cover > 0, p, 0.0) * cover, axis=0)
         den = jnp.sum(cover, axis=0)
-        return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), g)
+        return holders_mean(g, num, den)
 
     if masks is None:
         return jax.tree.map(lambda g, p: leaf(g, p, None), global_params, client_params)

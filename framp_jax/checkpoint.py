@@ -8,6 +8,11 @@ Each checkpoint is one orbax step directory ``<directory>/<round>/`` holding thr
 - ``integrity``: per-leaf shape/dtype/CRC32 written by this module, checked on restore so that
   silently flipped bytes are reported instead of restored.
 
+A state that is a NamedTuple (the typed server states of ``framp_jax.algorithms``) is stored as
+the dict of its fields that are not None (:func:`_stored_form`), which is how the dict states of
+earlier versions were stored: their checkpoints restore into the typed states, and a field that
+is None (an option's field a run does not use) leaves nothing on disk.
+
 Saves are atomic (orbax writes into a temporary directory and renames it when finalized) and, by
 default, synchronous: when :meth:`CheckpointManager.save` returns the checkpoint is on disk, so a
 process may exit right after it. With ``async_save=True`` the write continues in the background;
@@ -90,6 +95,26 @@ def _path_str(path) -> str:
 def _is_typed_key(x: Any) -> bool:
     dtype = getattr(x, "dtype", None)
     return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _is_namedtuple(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(x, "_fields")
+
+
+def _stored_form(state: Any) -> Any:
+    """The tree a state is stored as: a NamedTuple state becomes ``{field: value}`` over its
+    fields that are not None (the former dict states' layout); anything else is unchanged."""
+    if _is_namedtuple(state):
+        return {k: v for k, v in zip(state._fields, state) if v is not None}
+    return state
+
+
+def _from_stored_form(stored: Any, like: Any) -> Any:
+    """Inverse of :func:`_stored_form` for the target ``like``."""
+    if _is_namedtuple(like):
+        return type(like)(*(stored[k] if v is not None else None
+                            for k, v in zip(like._fields, like)))
+    return stored
 
 
 def _to_saveable(x: Any, path) -> Any:
@@ -213,7 +238,8 @@ class CheckpointManager:
             log.warning("deleting stale checkpoint for round %d in %s", s, self.directory)
             self._mngr.delete(s)
 
-        state = jax.tree_util.tree_map_with_path(lambda p, x: _to_saveable(x, p), state_pytree)
+        state = jax.tree_util.tree_map_with_path(lambda p, x: _to_saveable(x, p),
+                                                 _stored_form(state_pytree))
         meta = dict(to_jsonable(dict(extra or {})))
         meta.setdefault("round", round)
         json.dumps(meta)  # fail here, not inside orbax, if something is not JSON-able
@@ -376,7 +402,7 @@ class CheckpointManager:
 
         restore_target = None
         if target is not None:
-            restore_target = jax.tree.map(_to_restore_target, target)
+            restore_target = jax.tree.map(_to_restore_target, _stored_form(target))
             self._check_matches_target(round, restore_target, integrity)
 
         try:
@@ -391,7 +417,8 @@ class CheckpointManager:
         if integrity is not None:
             self._verify(round, state, integrity["leaves"])
         if target is not None:
-            state = jax.tree.map(_from_restored, state, target)
+            like = _stored_form(target)
+            state = _from_stored_form(jax.tree.map(_from_restored, state, like), target)
         return state, extra
 
     def _check_matches_target(self, round: int, target: Any, integrity: dict | None) -> None:

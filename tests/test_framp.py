@@ -94,18 +94,20 @@ def test_quarter_budget_keeps_quarter_of_generated_prunable_entries():
 def test_pruned_entries_stay_zero_after_local_training(tiny_npz):
     c = tiny_config(tiny_npz)
     prob, alg, st = _setup(c)
-    parts = alg.round.parts
+    from framp_jax.algorithms.framp import build
+    from framp_jax.algorithms.registry import resolve
+    parts = build(prob.ctx, resolve(c)[1])
     ids = jnp.array([0, 5])
-    th = parts["generate"](st["phi"], st["desc"][ids])
+    th = parts.generate(st["phi"], st["desc"][ids])
     x, y, n = prob.ctx.gather(prob.data, ids)
     keys = prob.ctx.client_keys(0, ids)
     budgets = jnp.array([0.25, 1 / 16])
     delta, theta, pro, cnt, loss, kept = jax.vmap(
-        parts["client_topk"], in_axes=(0, 0, 0, 0, 0, 0, None, None))(
+        parts.client_topk, in_axes=(0, 0, 0, 0, 0, 0, None, None))(
         th, budgets, x, y, n, keys, st["protos"], st["proto_valid"])
     for i in range(2):
         thi = jax.tree.map(lambda a: a[i], th)
-        m = M.topk_mask(thi, parts["prunable"], budgets[i])
+        m = M.topk_mask(thi, parts.prunable, budgets[i])
         for mm, tt, dd in zip(jax.tree.leaves(m), jax.tree.leaves(jax.tree.map(lambda a: a[i], theta)),
                               jax.tree.leaves(jax.tree.map(lambda a: a[i], delta))):
             assert bool(jnp.all(jnp.where(mm == 0, tt, 0.0) == 0.0))
@@ -165,9 +167,12 @@ def test_width_extraction_trains_narrow_models(tiny_npz):
     c = tiny_config(tiny_npz, framp__extraction="width")
     prob, alg, st = _setup(c)
     wx_fracs = {}
-    tpl = alg.round.parts["template"]
-    pr = alg.round.parts["prunable"]
-    th = alg.round.parts["generate"](st["phi"], st["desc"][:1])
+    from framp_jax.algorithms.framp import build
+    from framp_jax.algorithms.registry import resolve
+    parts = build(prob.ctx, resolve(c)[1])
+    tpl = parts.template
+    pr = parts.prunable
+    th = parts.generate(st["phi"], st["desc"][:1])
     th0 = jax.tree.map(lambda a: a[0], th)
     from framp_jax.algorithms.framp_width import WidthExtraction
     wx = WidthExtraction(prob.ctx, c.framp.width_rates, tpl, pr)
@@ -194,17 +199,19 @@ def test_hn_gradient_is_vjp_of_client_deltas(tiny_npz):
     c = tiny_config(tiny_npz, framp__hn_optimizer="sgd", framp__hn_lr=1.0, framp__hn_clip=1e9,
                     clients_per_round=8)
     prob, alg, st = _setup(c)
-    parts = alg.round.parts
+    from framp_jax.algorithms.framp import build
+    from framp_jax.algorithms.registry import resolve
+    parts = build(prob.ctx, resolve(c)[1])
     ids = prob.ctx.sample_clients(0)
     desc = st["desc"][ids]
-    th = parts["generate"](st["phi"], desc)
+    th = parts.generate(st["phi"], desc)
     x, y, n = prob.ctx.gather(prob.data, ids)
-    delta = jax.vmap(parts["client_topk"], in_axes=(0, 0, 0, 0, 0, 0, None, None))(
+    delta = jax.vmap(parts.client_topk, in_axes=(0, 0, 0, 0, 0, 0, None, None))(
         th, prob.data.budgets[ids], x, y, n, prob.ctx.client_keys(0, ids), st["protos"],
         st["proto_valid"])[0]
     phi0 = jax.tree.map(jnp.copy, st["phi"])
     direct = jax.grad(lambda ph: sum(jnp.vdot(a, b) for a, b in zip(
-        jax.tree.leaves(parts["generate"](ph, desc)), jax.tree.leaves(delta))) / len(ids))(phi0)
+        jax.tree.leaves(parts.generate(ph, desc)), jax.tree.leaves(delta))) / len(ids))(phi0)
     new, _ = jax.jit(alg.round)(st, prob.data, jnp.int32(0))
     for a, b, g in zip(jax.tree.leaves(phi0), jax.tree.leaves(new["phi"]), jax.tree.leaves(direct)):
         np.testing.assert_allclose(np.asarray(a - b), np.asarray(g), rtol=2e-3, atol=1e-6)
@@ -272,7 +279,9 @@ def test_unseen_clients_get_zero_shot_models(tiny_npz, tmp_path):
     assert set(res["unseen_budgets"]) == {"1/256", "1/2"}
     # the zero-shot model of a held-out client comes from its descriptor alone
     h = sorted(held)
-    th = alg.round.parts["generate"](st["phi"], st["desc"][jnp.array(h[:2])])
+    from framp_jax.algorithms.framp import build
+    from framp_jax.algorithms.registry import resolve
+    th = build(prob.ctx, resolve(c)[1]).generate(st["phi"], st["desc"][jnp.array(h[:2])])
     assert float(jnp.abs(th["classifier"]["kernel"][0] - th["classifier"]["kernel"][1]).max()) > 0
 
 

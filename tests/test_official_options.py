@@ -147,23 +147,25 @@ def test_framp_last_epoch_prototypes_match_a_python_replay(tiny_config):
     ctx = prob.ctx._replace(model=_train_shifted(prob.model))
     alg = build_algorithm(ctx, c)
     st = alg.init(jax.random.key(0), prob.data)
-    parts = alg.round.parts
+    from framp_jax.algorithms.framp import build
+    from framp_jax.algorithms.registry import resolve
+    parts = build(ctx, resolve(c)[1])
     ids = ctx.sample_clients(0)
-    theta = parts["generate"](st["phi"], st["desc"][ids], None, ids)
+    theta = parts.generate(st["phi"], st["desc"][ids], None, ids)
     x, y, n = ctx.gather(prob.data, ids)
     keys = ctx.client_keys(0, ids)
     budgets = prob.data.budgets[ids]
     cfg = ctx.local
-    loss_fn = parts["make_loss"](st["protos"], st["proto_valid"])
+    loss_fn = parts.make_loss(st["protos"], st["proto_valid"])
     grad = jax.jit(jax.grad(loss_fn))
     feats = jax.jit(lambda p, xb: ctx.model.apply(p, xb, train=True)[1])
-    client = jax.jit(parts["client_topk"])
+    client = jax.jit(parts.client_topk)
     pros, cnts = [], []
     for i in range(len(ids)):
         th = jax.tree.map(lambda a: a[i], theta)
         _, _, pro, cnt, _, _ = client(th, budgets[i], x[i], y[i], n[i], keys[i], st["protos"],
                                       st["proto_valid"])
-        m = M.topk_mask(th, parts["prunable"], budgets[i])
+        m = M.topk_mask(th, parts.prunable, budgets[i])
         p = M.apply_mask(th, m)
         kdata, kloss = jax.random.fold_in(keys[i], 0), jax.random.fold_in(keys[i], 1)
         e = min(cfg.steps, -(-int(n[i]) // cfg.batch_size))
@@ -186,8 +188,9 @@ def test_framp_last_epoch_prototypes_match_a_python_replay(tiny_config):
     c2 = _framp_config(tiny_config, local_steps=8)
     alg2 = build_algorithm(prob.ctx._replace(model=_train_shifted(prob.model)), c2)
     th0 = jax.tree.map(lambda a: a[0], theta)
-    post = jax.jit(alg2.round.parts["client_topk"])(th0, budgets[0], x[0], y[0], n[0], keys[0],
-                                                    st["protos"], st["proto_valid"])[2]
+    post = jax.jit(build(ctx, resolve(c2)[1]).client_topk)(th0, budgets[0], x[0], y[0], n[0],
+                                                           keys[0], st["protos"],
+                                                           st["proto_valid"])[2]
     assert float(np.abs(np.asarray(post) - pros[0]).max()) > 0.5
     # uniform weighting of the uploaded prototypes in the round's bank
     new, _ = jax.jit(alg.round)(st, prob.data, jnp.int32(0))
@@ -470,7 +473,9 @@ def test_pfedhn_round_updates_the_sampled_embedding_rows(tiny_config):
     assert moved.tolist() == sorted(np.asarray(prob.ctx.sample_clients(0)).tolist())
     held = np.asarray(prob.info["heldout_ids"])
     assert len(held) >= 2
-    gen = alg.round.parts["generate"]
+    from framp_jax.algorithms.framp import build
+    from framp_jax.algorithms.registry import resolve
+    gen = build(prob.ctx, resolve(c)[1]).generate
     th = gen(st["phi"], st["desc"][held[:2]], None, jnp.asarray(held[:2]))
     for a in jax.tree.leaves(th):
         np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(a[1]))

@@ -1,8 +1,10 @@
 """The algorithm contract (optax/fedjax style): a factory returns pure functions.
 
-``init(key, data) -> state``; ``round(state, data, t) -> (state, metrics)`` is one jitted call
-per round (``t`` is traced, so N rounds compile once); ``eval_groups(state, data)`` lists the
-models to evaluate, each for a static set of clients.
+``init(key, data) -> state``: ``key`` is the run's root key, ``jax.random.key(seed)`` (a method
+derives its model's key from it, ``rounds.model_init_key``); the state is a typed NamedTuple.
+``round(state, data, t) -> (state, metrics)`` is one jitted call per round (``t`` is traced, so
+N rounds compile once), composed of the building blocks of ``rounds.py``;
+``eval_groups(state, data)`` lists the models to evaluate, each for a static set of clients.
 """
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+# the round's building blocks live in rounds.py; round_metrics is also read from here
+from framp_jax.algorithms.rounds import round_metrics  # noqa: F401
 
 
 class FedData(NamedTuple):
@@ -46,19 +51,29 @@ class Algorithm(NamedTuple):
     # optional eval_groups_at_budget(state, data, budget): every client's model at another budget
     # (unseen-budget sweeps, SPEC §1.10)
     eval_groups_at_budget: Callable | None = None
+    # budgets never used in training at which every trained client's model is evaluated
+    # zero-shot at the end of a run (needs eval_groups_at_budget)
+    unseen_budgets: tuple = ()
 
 
 class Context(NamedTuple):
-    """What a method factory gets: the config, the model, static facts of the federation and a
-    ``vmap_clients`` that vmaps over clients (sharded over the ``clients`` mesh axis if any)."""
-    config: Any
-    model: Any
+    """What a method factory gets besides its own options: the model family and the run's
+    network, the data's modality, static facts of the federation, the local training recipe,
+    and a ``vmap_clients`` that maps over clients (sharded over the ``clients`` mesh axis if
+    any). Nothing here needs the run's config."""
+    model: Any                   # the run's network at full width (= family.make(1.0))
+    family: Any                  # framp_jax.models.family.ModelFamily: the network at other widths/exits
+    modality: Any                # framp_jax.data.modality.Modality (also local.modality)
     num_clients: int
     num_classes: int
     budgets: np.ndarray          # static per-client budgets
+    budget_levels: tuple         # the configured budget levels, in config order
     train_ids: np.ndarray        # clients that may be sampled (held-out ones excluded)
     clients_per_round: int
     local: Any                   # client.LocalConfig
+    seed: int = 0
+    rounds: int = 1
+    client_map: str = "auto"     # auto | vmap | map
     mesh: Any = None
 
     def client_map_mode(self) -> str:
@@ -66,7 +81,7 @@ class Context(NamedTuple):
         ``config.client_map="auto"`` picks ``map`` on CPU without a mesh, where a vmapped matmul
         over per-client weights is slower than sequential clients
         (``benchmarks/bench_round.py``: jax_map vs jax), and ``vmap`` elsewhere."""
-        mode = self.config.get("client_map", "auto")
+        mode = self.client_map
         if self.mesh is not None:
             return "vmap"
         if mode == "auto":
@@ -102,20 +117,20 @@ class Context(NamedTuple):
 
     def client_keys(self, t, ids):
         """fold_in(fold_in(root_clients, round), client_id) for each sampled client."""
-        root = jax.random.fold_in(jax.random.key(self.config.seed), 0)
+        root = jax.random.fold_in(jax.random.key(self.seed), 0)
         rk = jax.random.fold_in(root, t)
         return jax.vmap(lambda i: jax.random.fold_in(rk, i))(ids)
 
     def sample_clients(self, t):
         """The round's participants, drawn without replacement from the trainable clients."""
-        k = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), 1), t)
+        k = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), 1), t)
         ids = jnp.asarray(self.train_ids, jnp.int32)
         return jax.random.choice(k, ids, (self.clients_per_round,), replace=False)
 
     def levels(self):
         """The budget levels present among the trainable clients, in config order."""
         tb = self.budgets[self.train_ids]
-        return [float(b) for b in self.config.budget_levels if np.isclose(tb, b).any()]
+        return [float(b) for b in self.budget_levels if np.isclose(tb, b).any()]
 
     def sample_clients_by_level(self, t):
         """Stratified participants for methods that train each budget level at its own static
@@ -128,7 +143,7 @@ class Context(NamedTuple):
         levels = self.levels()
         L, M = len(levels), self.clients_per_round
         base, rem = divmod(M, L)
-        k = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), 1), t)
+        k = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), 1), t)
         out = []
         for l, s in enumerate(levels):
             pool = self.train_ids[np.isclose(self.budgets[self.train_ids], s)]
@@ -144,12 +159,6 @@ class Context(NamedTuple):
         return self.shard_clients((take(data.train_x), data.train_y[ids], data.train_count[ids]))
 
     def init_key(self):
-        return jax.random.fold_in(jax.random.key(self.config.seed), 2)
+        """The model key of the run's root key ``key(seed)`` (``rounds.model_init_key``)."""
+        return jax.random.fold_in(jax.random.key(self.seed), 2)
 
-
-def round_metrics(losses, finite):
-    finite_f = finite.astype(jnp.float32)
-    n_ok = jnp.sum(finite_f)
-    loss = jnp.sum(jnp.where(finite, losses, 0.0)) / jnp.maximum(n_ok, 1.0)
-    return {"train_loss": jnp.where(n_ok > 0, loss, jnp.nan),
-            "nan_clients": jnp.sum(1 - finite.astype(jnp.int32))}

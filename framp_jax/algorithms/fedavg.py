@@ -7,15 +7,32 @@ SPEC §2.6 gives for global-model baselines.
 """
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from framp_jax import masks as M
 from framp_jax.aggregate import masked_mean
-from framp_jax.algorithms.base import Algorithm, Context, EvalGroup, round_metrics
-from framp_jax.client import is_finite_tree, local_train
+from framp_jax.algorithms.base import Algorithm, Context, EvalGroup
+from framp_jax.algorithms.registry import Method
+from framp_jax.algorithms.rounds import (budget_groups, draw_cohort, finite_clients, keep_where,
+                                         model_init_key, put_clients, round_metrics, state_item,
+                                         take_clients, train_cohort)
+from framp_jax.client import local_train
 from framp_jax.losses import cross_entropy
+
+
+class FedAvgState(NamedTuple):
+    params: Any               # the global model
+    __getitem__ = state_item  # state["params"] reads the field (as the former dict state)
+
+
+class LocalState(NamedTuple):
+    params: Any               # every client's model, stacked [N, ...]
+    masks: Any                # every client's fixed budget mask, stacked [N, ...]
+    __getitem__ = state_item
 
 
 def ce_loss(model):
@@ -25,32 +42,24 @@ def ce_loss(model):
     return loss
 
 
-def budget_groups(ctx: Context):
-    """Static {budget: client ids} over all clients."""
-    return {float(b): np.flatnonzero(np.isclose(ctx.budgets, b)) for b in np.unique(ctx.budgets)}
-
-
-def fedavg(ctx: Context) -> Algorithm:
+def fedavg(ctx: Context, opts=None) -> Algorithm:
     model, cfg = ctx.model, ctx.local
     loss_fn = ce_loss(model)
 
     def init(key, data):
-        return {"params": model.init(ctx.init_key())}
+        return FedAvgState(model.init(model_init_key(ctx, key)))
 
     def round_fn(state, data, t):
-        ids = ctx.sample_clients(t)
-        x, y, n = ctx.gather(data, ids)
-        keys = ctx.client_keys(t, ids)
-        params = state["params"]
-        train = ctx.vmap_clients(lambda xx, yy, nn, kk: local_train(loss_fn, params, None, xx, yy, nn, kk, cfg))
-        new, losses = train(x, y, n, keys)
-        finite = jax.vmap(is_finite_tree)(new) & jnp.isfinite(losses)
-        w = n.astype(jnp.float32) * finite
-        agg = masked_mean(params, new, None, w)
-        return {"params": agg}, round_metrics(losses, finite)
+        co = draw_cohort(ctx, data, t)
+        params = state.params
+        new, losses = train_cohort(
+            ctx, lambda x, y, n, k: local_train(loss_fn, params, None, x, y, n, k, cfg), co)
+        finite = finite_clients(new, losses)
+        w = co.count.astype(jnp.float32) * finite
+        return FedAvgState(masked_mean(params, new, None, w)), round_metrics(losses, finite)
 
     def eval_groups(state, data):
-        p = state["params"]
+        p = state.params
         pr = model.prunable(p)
         return [EvalGroup(model.apply, M.apply_mask(p, M.topk_mask(p, pr, b)), ids, per_client=False)
                 for b, ids in budget_groups(ctx).items()]
@@ -58,7 +67,7 @@ def fedavg(ctx: Context) -> Algorithm:
     return Algorithm("fedavg", init, round_fn, eval_groups)
 
 
-def local_only(ctx: Context) -> Algorithm:
+def local_only(ctx: Context, opts=None) -> Algorithm:
     """Each client trains its own budget-masked model on its own data only (no communication).
     All clients start from the same initial model, masked by top-k at their budget *per layer
     group* (``masks.stage_groups``): a global top-k over a freshly initialised model would drop
@@ -69,28 +78,28 @@ def local_only(ctx: Context) -> Algorithm:
     n_clients = ctx.num_clients
 
     def init(key, data):
-        p0 = model.init(ctx.init_key())
+        p0 = model.init(model_init_key(ctx, key))
         pr = model.prunable(p0)
         groups = M.stage_groups(p0)
         masks = jax.vmap(lambda b: M.topk_mask(p0, pr, b, groups))(jnp.asarray(ctx.budgets, jnp.float32))
         params = jax.tree.map(lambda a, m: a[None] * m, p0, masks)
-        return {"params": params, "masks": masks}
+        return LocalState(params, masks)
 
     def round_fn(state, data, t):
-        ids = ctx.sample_clients(t)
-        x, y, n = ctx.gather(data, ids)
-        keys = ctx.client_keys(t, ids)
-        take = lambda tree: jax.tree.map(lambda a: a[ids], tree)
-        p_i, m_i = ctx.shard_clients((take(state["params"]), take(state["masks"])))
-        train = ctx.vmap_clients(lambda p, m, xx, yy, nn, kk: local_train(loss_fn, p, m, xx, yy, nn, kk, cfg))
-        new, losses = train(p_i, m_i, x, y, n, keys)
-        finite = jax.vmap(is_finite_tree)(new) & jnp.isfinite(losses)
-        keep = lambda a_new, a_old: jnp.where(finite.reshape((-1,) + (1,) * (a_new.ndim - 1)), a_new, a_old)
-        new = jax.tree.map(keep, new, p_i)
-        params = jax.tree.map(lambda a, u: a.at[ids].set(u), state["params"], new)
-        return {"params": params, "masks": state["masks"]}, round_metrics(losses, finite)
+        co = draw_cohort(ctx, data, t)
+        p_i, m_i = ctx.shard_clients((take_clients(state.params, co.ids),
+                                      take_clients(state.masks, co.ids)))
+        new, losses = train_cohort(
+            ctx, lambda x, y, n, k, p, m: local_train(loss_fn, p, m, x, y, n, k, cfg), co, p_i, m_i)
+        finite = finite_clients(new, losses)
+        params = put_clients(state.params, co.ids, keep_where(finite, new, p_i))
+        return LocalState(params, state.masks), round_metrics(losses, finite)
 
     def eval_groups(state, data):
-        return [EvalGroup(model.apply, state["params"], np.arange(n_clients), per_client=True)]
+        return [EvalGroup(model.apply, state.params, np.arange(n_clients), per_client=True)]
 
     return Algorithm("local", init, round_fn, eval_groups)
+
+
+FEDAVG = Method("fedavg", fedavg)
+LOCAL = Method("local", local_only)

@@ -45,8 +45,9 @@ import jax.numpy as jnp
 
 from framp_jax import width as W
 from framp_jax.algorithms.base import Algorithm, Context
-from framp_jax.algorithms.heterofl import (WEIGHTINGS, heterofl_defaults, method_options,
+from framp_jax.algorithms.heterofl import (WEIGHTINGS, heterofl_defaults, validate_width_opts,
                                            width_method)
+from framp_jax.algorithms.registry import Method
 from framp_jax.config import ConfigError
 
 ALGOS = ("roll", "random", "static")
@@ -64,10 +65,10 @@ def fedrolex_defaults():
     return f
 
 
-def validate_options(c):
-    """FedRolex's options over the defaults, checked (config.validate calls this before any
-    data loads). Returns the options."""
-    opts = method_options(c, "fedrolex", fedrolex_defaults())
+def validate_options(c, opts) -> None:
+    """FedRolex's options (``config.fedrolex`` over :func:`fedrolex_defaults`), checked before
+    any data loads."""
+    validate_width_opts(c, "fedrolex", opts)
     if opts.algo not in ALGOS:
         raise ConfigError("fedrolex.algo", opts.algo, f"one of {ALGOS}")
     if opts.eval_bn not in EVAL_BN:
@@ -79,19 +80,16 @@ def validate_options(c):
         raise ConfigError("fedrolex.official_count_bug", opts.official_count_bug, "True or False")
     if opts.weighting not in WEIGHTINGS:
         raise ConfigError("fedrolex.weighting", opts.weighting, f"one of {WEIGHTINGS}")
-    return opts
 
 
-def fedrolex(ctx: Context) -> Algorithm:
-    c = ctx.config
-    opts = validate_options(c)
+def fedrolex(ctx: Context, opts) -> Algorithm:
     per_client = False
     if opts.algo == "roll":
         index_fn = lambda sizes, r, t, cid: W.rolling_indices(sizes, r, t)
     elif opts.algo == "static":
         index_fn = lambda sizes, r, t, cid: W.prefix_indices(sizes, r)
     else:
-        root = jax.random.fold_in(jax.random.key(c.seed), 5)
+        root = jax.random.fold_in(jax.random.key(ctx.seed), 5)
         per_client = True
 
         def index_fn(sizes, r, t, cid):
@@ -103,3 +101,6 @@ def fedrolex(ctx: Context) -> Algorithm:
     return width_method(ctx, "fedrolex", opts, index_fn, per_client_index=per_client,
                         lr_offset=1, eval_bn=opts.eval_bn, count_bug=opts.official_count_bug,
                         eval_index_fn=eval_index_fn, weighting=opts.weighting)
+
+
+METHOD = Method("fedrolex", fedrolex, fedrolex_defaults, validate_options)

@@ -19,44 +19,44 @@ Options (``config.fiarse``):
 from __future__ import annotations
 
 from functools import partial
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 
 from framp_jax import masks as M
-from framp_jax.algorithms.base import Algorithm, Context, EvalGroup, round_metrics
-from framp_jax.algorithms.fedavg import budget_groups
-from framp_jax.client import is_finite_tree, local_train
-from framp_jax.config import ConfigError
+from framp_jax.algorithms.base import Algorithm, Context, EvalGroup
+from framp_jax.algorithms.registry import Method
+from framp_jax.algorithms.rounds import (budget_groups, draw_cohort, fiarse_paper_factor,
+                                         finite_clients, holders_mean, keep_where, model_init_key,
+                                         round_metrics, state_item, train_cohort)
+from framp_jax.client import local_train
+from framp_jax.config import check
 from framp_jax.losses import cross_entropy
 
 SCOPES = ("global", "groupwise")
 MASK_GRADS = ("masked", "fiarse_paper")
-DEFAULTS = {"scope": "global", "mask_grad": "masked", "server_lr": 1.0}
 
 
-def options(c) -> dict:
-    """``config.fiarse`` merged over the defaults and validated."""
-    sub = c.get("fiarse", None) if hasattr(c, "get") else None
-    opts = dict(DEFAULTS)
-    if sub is not None:
-        opts.update({k: sub[k] for k in sub.keys()})
-    unknown = set(opts) - set(DEFAULTS)
-    if unknown:
-        raise ConfigError(f"fiarse.{sorted(unknown)[0]}", opts[sorted(unknown)[0]],
-                          f"known FIARSE options are {sorted(DEFAULTS)}")
-    if opts["scope"] not in SCOPES:
-        raise ConfigError("fiarse.scope", opts["scope"], f"one of {SCOPES}")
-    if opts["mask_grad"] not in MASK_GRADS:
-        raise ConfigError("fiarse.mask_grad", opts["mask_grad"], f"one of {MASK_GRADS}")
-    if not float(opts["server_lr"]) > 0:
-        raise ConfigError("fiarse.server_lr", opts["server_lr"], "a global step size > 0")
-    if c.weight_decay:
-        # optax's decay would shrink pruned entries too, so they would count as trained at the
-        # server and leave the budget; the official worker runs plain SGD (fiarse/worker.py).
-        raise ConfigError("weight_decay", c.weight_decay,
-                          "0 for FIARSE (its clients train with plain SGD)")
-    return opts
+def fiarse_defaults() -> mlc.ConfigDict:
+    o = mlc.ConfigDict()
+    o.scope = "global"
+    o.mask_grad = "masked"
+    o.server_lr = 1.0
+    return o
+
+
+def validate_options(c, opts) -> None:
+    """FIARSE's options (``config.fiarse`` over :func:`fiarse_defaults`) and what FIARSE needs
+    of the run's config."""
+    check(opts.scope in SCOPES, "fiarse.scope", opts.scope, f"one of {SCOPES}")
+    check(opts.mask_grad in MASK_GRADS, "fiarse.mask_grad", opts.mask_grad, f"one of {MASK_GRADS}")
+    check(float(opts.server_lr) > 0, "fiarse.server_lr", opts.server_lr, "a global step size > 0")
+    # optax's decay would shrink pruned entries too, so they would count as trained at the
+    # server and leave the budget; the official worker runs plain SGD (fiarse/worker.py).
+    check(not c.weight_decay, "weight_decay", c.weight_decay,
+          "0 for FIARSE (its clients train with plain SGD)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,9 +82,7 @@ def _tm_bwd(paper, res, g):
     a = jnp.abs(w)
     keep = (a >= tau).astype(g.dtype)
     if paper:
-        den = jnp.square(a + tau)
-        extra = jnp.where(den > 0, 2.0 * tau * a / jnp.where(den > 0, den, 1.0), 0.0)
-        keep = keep * (1.0 + extra)
+        keep = keep * fiarse_paper_factor(a, tau)
     return g * keep, jnp.zeros_like(tau)
 
 
@@ -152,25 +150,26 @@ def server_update(global_params, deltas, finite, server_lr):
     ``w ← w − server_lr · avg`` (fiarse/server.py). ``deltas`` are stacked ``w_start − w_end``
     [M, ...]; clients with ``finite`` False are left out of both sums."""
     def leaf(g, d):
-        ok = finite.reshape((-1,) + (1,) * (d.ndim - 1))
-        d = jnp.where(ok, d, 0.0)
         cnt = jnp.sum((d != 0).astype(d.dtype), axis=0)
-        avg = jnp.where(cnt > 0, jnp.sum(d, axis=0) / jnp.maximum(cnt, 1.0), 0.0)
-        return g - server_lr * avg
-    return jax.tree.map(leaf, global_params, deltas)
+        return g - server_lr * holders_mean(0.0, jnp.sum(d, axis=0), cnt)
+    return jax.tree.map(leaf, global_params, keep_where(finite, deltas, 0.0))
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def fiarse(ctx: Context) -> Algorithm:
+class FiarseState(NamedTuple):
+    params: Any               # the global model
+    __getitem__ = state_item  # state["params"] reads the field (as the former dict state)
+
+
+def fiarse(ctx: Context, opts) -> Algorithm:
     model, cfg = ctx.model, ctx.local
-    opts = options(ctx.config)
-    paper = opts["mask_grad"] == "fiarse_paper"
-    server_lr = float(opts["server_lr"])
+    paper = opts.mask_grad == "fiarse_paper"
+    server_lr = float(opts.server_lr)
     shapes = jax.eval_shape(model.init, ctx.init_key())
     prunable = model.prunable(shapes)
-    groups = group_ids(shapes, opts["scope"])
+    groups = group_ids(shapes, opts.scope)
     n_prunable = M.num_prunable(shapes, prunable)
 
     def loss_with(taus):
@@ -193,19 +192,16 @@ def fiarse(ctx: Context) -> Algorithm:
         return delta, loss, kept(m0) / n_prunable, churn / n_prunable
 
     def init(key, data):
-        return {"params": model.init(ctx.init_key())}
+        return FiarseState(model.init(model_init_key(ctx, key)))
 
     def round_fn(state, data, t):
-        ids = ctx.sample_clients(t)
-        x, y, n = ctx.gather(data, ids)
-        keys = ctx.client_keys(t, ids)
-        params = state["params"]
+        co = draw_cohort(ctx, data, t)
+        params = state.params
         # one τ per client from the global model at the client's (traced) budget
-        taus = leaf_thresholds(params, prunable, groups, data.budgets[ids])
-        taus = ctx.shard_clients(taus)
-        train = ctx.vmap_clients(lambda tt, xx, yy, nn, kk: client(params, tt, xx, yy, nn, kk))
-        deltas, losses, kept0, churn = train(taus, x, y, n, keys)
-        finite = jax.vmap(is_finite_tree)(deltas) & jnp.isfinite(losses)
+        taus = ctx.shard_clients(leaf_thresholds(params, prunable, groups, data.budgets[co.ids]))
+        deltas, losses, kept0, churn = train_cohort(
+            ctx, lambda x, y, n, k, tt: client(params, tt, x, y, n, k), co, taus)
+        finite = finite_clients(deltas, losses)
         new = server_update(params, deltas, finite, server_lr)
         m = round_metrics(losses, finite)
         nf = jnp.maximum(jnp.sum(finite), 1)
@@ -213,10 +209,10 @@ def fiarse(ctx: Context) -> Algorithm:
         # prunable entries that left or joined the submodel during local training
         m["kept_frac"] = jnp.sum(jnp.where(finite, kept0, 0.0)) / nf
         m["mask_churn"] = jnp.sum(jnp.where(finite, churn, 0.0)) / nf
-        return {"params": new}, m
+        return FiarseState(new), m
 
     def eval_groups(state, data):
-        p = state["params"]
+        p = state.params
         out = []
         for b, ids in budget_groups(ctx).items():
             taus = leaf_thresholds(p, prunable, groups, b)
@@ -225,3 +221,6 @@ def fiarse(ctx: Context) -> Algorithm:
         return out
 
     return Algorithm("fiarse", init, round_fn, eval_groups)
+
+
+METHOD = Method("fiarse", fiarse, fiarse_defaults, validate_options)

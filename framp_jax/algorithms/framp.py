@@ -18,30 +18,139 @@ uploaded class count is the number of features averaged (``proto_weighting="coun
 """
 from __future__ import annotations
 
+from typing import Any, Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 import numpy as np
 import optax
 
 from framp_jax import masks as M
 from framp_jax.algorithms.base import Algorithm, Context, EvalGroup
-from framp_jax.client import class_prototypes, is_finite_tree, local_train
+from framp_jax.algorithms.registry import Method
+from framp_jax.algorithms.rounds import (draw_cohort, fiarse_paper_factor, finite_clients,
+                                         keep_where, model_init_key, put_clients, round_metrics,
+                                         state_item, take_clients, train_cohort)
+from framp_jax.config import check
+from framp_jax.client import class_prototypes, local_train
 from framp_jax.descriptors import compute_descriptors, with_budget
 from framp_jax.hypernet import build_hypernet, hn_optimizer
 from framp_jax.losses import ALIGN_FNS, cross_entropy
 
+
+# ---------------------------------------------------------------------------------------------
+# options
+
+def framp_defaults() -> mlc.ConfigDict:
+    """FRAMP's options (SPEC §1 and §5 defaults); every one is switchable from the config."""
+    f = mlc.ConfigDict()
+    f.descriptor = "label_hist+budget"  # | func_emb+budget | onehot_budget | budget_only
+    f.func_emb_steps = 50               # local steps behind a func_emb descriptor
+    f.hypernet = "chunked"              # key of framp_jax.hypernet.HYPERNETS
+    f.hn_hidden = 128
+    f.chunk_size = 16384                # 0 = one chunk of all P entries (FedSheafHN's single head)
+    f.chunk_dim = 64
+    f.gen_hidden = 256
+    f.generate = "all"                  # | backbone (per-client local classifier)
+    f.extraction = "topk"               # | width (narrower pytrees per budget level)
+    f.width_rates = (1.0, 0.5, 0.25, 0.125)  # width per budget level (extraction="width")
+    f.scope = "global"                  # | groupwise (one top-k threshold per stage)
+    f.mask_grad = "masked"              # | fiarse_paper (threshold-aware gradient factor)
+    f.lam = 1.0                         # weight of the prototype-alignment loss
+    f.align = "fedproto"                # | batch_proto
+    f.proto_weighting = "count"         # | uniform (FedProto's code)
+    f.proto_samples = 0                 # local prototypes from the first N train samples (0 = all)
+    f.proto_timing = "post_eval"        # | last_epoch_train (FedProto's code: train-mode features
+    #                                     of the last local epoch's steps, before each update)
+    f.proto_bank = True                 # keep classes unseen this round
+    f.proto_noise_std = 0.0             # privacy: Gaussian noise on uploaded prototypes
+    f.proto_rotation = "none"           # | shared (secret common rotation) | per_client
+    f.hn_optimizer = "adam"             # | sgd | sgd_momentum (pFedHN's SGD + momentum + wd)
+    f.hn_lr = 1e-3
+    f.hn_clip = 50.0
+    f.hn_momentum = 0.9                 # sgd_momentum only (pFedHN: 0.9)
+    f.hn_weight_decay = 1e-3            # sgd_momentum only, on every HN parameter (pFedHN: 1e-3)
+    f.embed_lr = 0.0                    # per-client embedding rows' lr (pfedhn); 0 = hn_lr
+    f.embed_dim = -1                    # pfedhn embedding size; -1 = int(1 + num_clients / 4)
+    f.hn_layers = 3                     # pfedhn trunk: hidden Linear(H, H) layers (n_hidden)
+    f.reduction = "mean"                # | sum over clients of the HN VJP
+    f.eval_mode = "generated"           # | finetuned
+    f.finetune_steps = 20               # local steps before evaluation in finetuned mode
+    f.unseen_budgets = ()               # budgets evaluated zero-shot at the end, e.g. (1/256, 1/2)
+    return f
+
+
+def validate_options(c, f) -> None:
+    """FRAMP's options ``f`` (``config.framp`` over :func:`framp_defaults`) against the run's
+    config ``c``; raises ConfigError naming the field."""
+    opts = {"descriptor": ("label_hist+budget", "func_emb+budget", "onehot_budget", "budget_only"),
+            "generate": ("all", "backbone"), "extraction": ("topk", "width"),
+            "scope": ("global", "groupwise"), "mask_grad": ("masked", "fiarse_paper"),
+            "align": ("fedproto", "batch_proto"), "proto_weighting": ("count", "uniform"),
+            "proto_rotation": ("none", "shared", "per_client"), "reduction": ("mean", "sum"),
+            "eval_mode": ("generated", "finetuned"),
+            "hn_optimizer": ("adam", "sgd", "sgd_momentum"),
+            "proto_timing": ("post_eval", "last_epoch_train")}
+    for k, allowed in opts.items():
+        check(f[k] in allowed, f"framp.{k}", f[k], f"one of {allowed}")
+    from framp_jax.hypernet import HYPERNETS
+    check(f.hypernet in HYPERNETS, "framp.hypernet", f.hypernet, f"one of {tuple(HYPERNETS)}")
+    check(isinstance(f.proto_samples, int) and f.proto_samples >= 0, "framp.proto_samples",
+           f.proto_samples, "an integer >= 0 (0 = every training sample)")
+    check(f.proto_timing == "post_eval" or f.proto_samples == 0, "framp.proto_samples",
+           f.proto_samples, "0 with proto_timing='last_epoch_train' (the last epoch's batches)")
+    check(0 <= f.hn_momentum < 1, "framp.hn_momentum", f.hn_momentum, "in [0, 1)")
+    check(f.hn_weight_decay >= 0, "framp.hn_weight_decay", f.hn_weight_decay, ">= 0")
+    check(f.embed_lr >= 0, "framp.embed_lr", f.embed_lr, ">= 0 (0 = hn_lr)")
+    check(f.embed_lr == 0 or f.hypernet == "pfedhn", "framp.embed_lr", f.embed_lr,
+           "0 unless hypernet='pfedhn' (the only HN with per-client embedding rows)")
+    check(isinstance(f.embed_dim, int) and (f.embed_dim >= 1 or f.embed_dim == -1),
+           "framp.embed_dim", f.embed_dim, "an integer >= 1, or -1 for int(1 + num_clients / 4)")
+    check(isinstance(f.hn_layers, int) and f.hn_layers >= 0, "framp.hn_layers", f.hn_layers,
+           "an integer >= 0")
+    if f.hypernet == "pfedhn":
+        from framp_jax.hypernet import check_pfedhn_size
+        check_pfedhn_size(c)
+    for k in ("hn_hidden", "chunk_dim", "gen_hidden", "func_emb_steps"):
+        check(isinstance(f[k], int) and f[k] >= 1, f"framp.{k}", f[k], "an integer >= 1")
+    check(isinstance(f.chunk_size, int) and f.chunk_size >= 0, "framp.chunk_size", f.chunk_size,
+           "an integer >= 1, or 0 for a single chunk of every generated entry")
+    check(f.lam >= 0, "framp.lam", f.lam, ">= 0")
+    check(f.hn_lr > 0, "framp.hn_lr", f.hn_lr, "> 0")
+    check(f.proto_noise_std >= 0, "framp.proto_noise_std", f.proto_noise_std, ">= 0")
+    check(f.mask_grad == "masked" or f.scope == "global", "framp.mask_grad", f.mask_grad,
+           "'masked' when framp.scope='groupwise' (the threshold-aware factor uses one tau)")
+    check(f.eval_mode == "generated" or f.finetune_steps >= 1, "framp.finetune_steps",
+           f.finetune_steps, ">= 1 with eval_mode='finetuned'")
+    for b in tuple(f.unseen_budgets):
+        check(0 < b <= 1, "framp.unseen_budgets", tuple(f.unseen_budgets), "budgets in (0, 1]")
+    check(f.extraction == "topk" or f.proto_rotation == "none", "framp.proto_rotation",
+           f.proto_rotation, "'none' with extraction='width' (clients hold different feature channels)")
+    check(f.extraction == "topk" or f.generate == "all", "framp.generate", f.generate,
+           "'all' with extraction='width'")
+    from framp_jax.algorithms.framp_width import MODELS as WIDTH_MODELS
+    check(f.extraction == "topk" or c.model in WIDTH_MODELS, "framp.extraction", f.extraction,
+          f"'topk' for model={c.model!r} (extraction='width' supports {WIDTH_MODELS})")
+    rates = tuple(f.width_rates)
+    check(len(rates) == len(tuple(c.budget_levels)) and all(0 < r <= 1 for r in rates),
+           "framp.width_rates", rates, f"{len(tuple(c.budget_levels))} rates in (0, 1], one per budget level")
+    check(not (f.descriptor == "onehot_budget" and tuple(f.unseen_budgets)), "framp.descriptor",
+           f.descriptor, "not onehot_budget when framp.unseen_budgets is set (it cannot encode them)")
+
+
+# ---------------------------------------------------------------------------------------------
 
 def _bcast(v, x):
     return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
 
 
 def fiarse_grad_factor(params, prunable, tau):
-    """SPEC §1.5 option: kept entries' gradient scaled by 1 + 2·tau·|w| / (|w| + tau)^2."""
+    """SPEC §1.5 option: kept entries' gradient scaled by 1 + 2·tau·|w| / (|w| + tau)^2
+    (``rounds.fiarse_paper_factor``, unguarded: NaN where |w| = tau = 0, e.g. a zero bias of a
+    budget-1 client whose tau is 0, so that client's update is dropped as non-finite)."""
     def f(p, g, pr):
-        if not pr:
-            return g
-        a = jnp.abs(p)
-        return g * (1.0 + 2.0 * tau * a / jnp.square(a + tau))
+        return g * fiarse_paper_factor(jnp.abs(p), tau, guard_zero=False) if pr else g
     return lambda p, g: jax.tree.map(f, p, g, prunable)
 
 
@@ -60,6 +169,8 @@ def aggregate_prototypes(protos, counts, ok, bank, bank_valid, weighting="count"
     wkf = w[:, :, None] * dm[:, None, :]
     den = wkf.sum(0)
     new = jnp.sum(wkf * jnp.where(ok[:, None, None], protos, 0.0), axis=0)
+    # kept as it was rather than rounds.holders_mean: the same mean, but the round compiled
+    # with that form moved the bank by an ulp (seen with uniform weighting, rotated prototypes)
     new = new / jnp.maximum(den, 1e-12)
     seen_kf = den > 0
     seen = w.sum(0) > 0
@@ -73,30 +184,70 @@ def random_rotation(key, dim):
     return q * jnp.sign(jnp.diag(r))[None, :]
 
 
-def framp(ctx: Context) -> Algorithm:
-    c, fc, model, cfg = ctx.config, ctx.config.framp, ctx.model, ctx.local
+class FrampState(NamedTuple):
+    """FRAMP's server state."""
+    phi: Any                  # the hypernetwork's parameters
+    opt: Any                  # its optimizer state
+    desc: Any                 # float32 [N, D] every client's (fixed) descriptor
+    protos: Any               # float32 [K, F] the global prototype bank
+    proto_valid: Any          # bool [K] classes the bank holds
+    heads: Any = None         # generate="backbone": every client's classifier, stacked [N, ...]
+    __getitem__ = state_item  # state["phi"] reads a field (as the former dict state)
+
+
+class FrampInternals(NamedTuple):
+    """The pieces of a FRAMP run (:func:`build`), for tests and research code that reuse them.
+
+    ``generate(phi, desc, heads=None, ids=None)``: the full models of clients ``ids`` from their
+    descriptors; ``client_topk(theta_gen, budget, x, y, n, key, protos, valid) -> (delta,
+    theta, prototypes, counts, loss, kept)``: one client of the top-k extraction;
+    ``make_loss(protos, valid)``: the local loss (CE + lambda·alignment);
+    ``train_with_prototypes(protos, valid, p0, mask, x, y, n, key)``: local training and the
+    client's prototypes; ``models_at(state, desc, budgets, ids)``: generated, budget-masked
+    models; ``algorithm``: the :class:`Algorithm` the factory returns."""
+    hn: Any
+    hn_opt: Any
+    template: Any
+    prunable: Any
+    generate: Callable
+    make_loss: Callable
+    train_with_prototypes: Callable
+    client_topk: Callable
+    models_at: Callable
+    algorithm: Algorithm
+
+
+def framp(ctx: Context, fc) -> Algorithm:
+    """FRAMP on ``ctx`` with its options ``fc`` (:func:`framp_defaults` merged with
+    ``config.framp``)."""
+    return build(ctx, fc).algorithm
+
+
+def build(ctx: Context, fc) -> FrampInternals:
+    """FRAMP on ``ctx`` with its options ``fc``: the algorithm and its pieces."""
+    model, cfg = ctx.model, ctx.local
     K, F = ctx.num_classes, model.feature_dim
-    template = model.init(ctx.init_key())
+    template = model.init(ctx.init_key())  # shapes for the HN and the extraction
     prunable = model.prunable(template)
     backbone = fc.generate == "backbone"
     generated = {k: jax.tree.map(lambda _: not (backbone and k == "classifier"), v)
                  for k, v in template.items()}
     hn = build_hypernet(fc, template, generated, ctx.num_clients, ctx.train_ids)
     hn_opt = hn_optimizer(fc.hn_optimizer, fc.hn_lr, fc.hn_clip,
-                          momentum=fc.get("hn_momentum", 0.9),
-                          weight_decay=fc.get("hn_weight_decay", 1e-3),
-                          embed_lr=fc.get("embed_lr", 0.0))
-    last_epoch = fc.get("proto_timing", "post_eval") == "last_epoch_train"
+                          momentum=fc.hn_momentum,
+                          weight_decay=fc.hn_weight_decay,
+                          embed_lr=fc.embed_lr)
+    last_epoch = fc.proto_timing == "last_epoch_train"
     groups = M.stage_groups(template) if fc.scope == "groupwise" else None
     align_fn = ALIGN_FNS[fc.align]
     n_prunable = M.num_prunable(template, prunable)
     n_unmasked = sum(x.size for x, p in zip(jax.tree.leaves(template), jax.tree.leaves(prunable))
                      if not p)
-    rot_shared = random_rotation(jax.random.fold_in(jax.random.key(c.seed), 5), F)
+    rot_shared = random_rotation(jax.random.fold_in(jax.random.key(ctx.seed), 5), F)
     width = fc.extraction == "width"
     if width:
         from framp_jax.algorithms.framp_width import WidthExtraction
-        wx = WidthExtraction(ctx, template, prunable)
+        wx = WidthExtraction(ctx, fc.width_rates, template, prunable)
         print("framp width extraction: kept fraction of prunable parameters per budget "
               + ", ".join(f"{b:g}: {f:.4f}" for b, f in wx.fractions.items()))
 
@@ -113,14 +264,14 @@ def framp(ctx: Context) -> Algorithm:
 
     def init(key, data):
         desc = compute_descriptors(fc.descriptor, model, ctx, data, fc.func_emb_steps)
-        phi = hn.init(jax.random.fold_in(ctx.init_key(), 1), desc[jnp.asarray(ctx.train_ids)])
-        state = {"phi": phi, "opt": hn_opt.init(phi), "desc": desc,
-                 "protos": jnp.zeros((K, F), jnp.float32),
-                 "proto_valid": jnp.zeros((K,), bool)}
+        mkey = model_init_key(ctx, key)
+        phi = hn.init(jax.random.fold_in(mkey, 1), desc[jnp.asarray(ctx.train_ids)])
+        heads = None
         if backbone:
-            state["heads"] = jax.tree.map(lambda a: jnp.broadcast_to(a, (ctx.num_clients,) + a.shape),
-                                          template["classifier"])
-        return state
+            head0 = model.init(mkey)["classifier"]
+            heads = jax.tree.map(lambda a: jnp.broadcast_to(a, (ctx.num_clients,) + a.shape), head0)
+        return FrampState(phi, hn_opt.init(phi), desc, jnp.zeros((K, F), jnp.float32),
+                          jnp.zeros((K,), bool), heads)
 
     def make_loss(protos, valid, with_features=False):
         def loss(p, x, y, rng):
@@ -135,8 +286,7 @@ def framp(ctx: Context) -> Algorithm:
         """Eval-mode class means of the features over the client's training data (or its first
         ``framp.proto_samples`` samples: the stacked indices are in dataset order, a random
         subset for shuffled datasets)."""
-        if fc.proto_samples and not cfg.full_batch and fc.proto_samples < y.shape[0]:
-            x, y, n = x[:fc.proto_samples], y[:fc.proto_samples], jnp.minimum(n, fc.proto_samples)
+        x, y, n = ctx.modality.head(x, y, n, fc.proto_samples)
         return class_prototypes(model.apply, theta, x, y, n, K, cfg)
 
     def train_with_prototypes(protos, valid, p0, mask, x, y, n, key, gt=None):
@@ -175,78 +325,76 @@ def framp(ctx: Context) -> Algorithm:
 
     def align_targets(state):
         # with a shared secret rotation the server holds rotated prototypes; clients undo it
-        bank = state["protos"] @ rot_shared.T if fc.proto_rotation == "shared" else state["protos"]
-        return bank, state["proto_valid"]
+        bank = state.protos @ rot_shared.T if fc.proto_rotation == "shared" else state.protos
+        return bank, state.proto_valid
 
     def heads_of(state, ids):
         """The local classifiers of clients ``ids`` (generate="backbone"), else None."""
-        return jax.tree.map(lambda a: a[ids], state["heads"]) if backbone else None
+        return take_clients(state.heads, ids) if backbone else None
+
+    def train_topk(state, data, t, phi, protos, valid):
+        """The top-k extraction's clients: all generated at once (one VJP), masked at their
+        budgets and trained. Returns (cohort, vjp_fn, delta, classifiers, prototypes, counts,
+        losses, kept entries, None)."""
+        co = draw_cohort(ctx, data, t)
+        theta_gen, vjp_fn = jax.vjp(
+            lambda ph: generate(ph, state.desc[co.ids], heads_of(state, co.ids), co.ids), phi)
+        theta_gen = ctx.shard_clients(theta_gen)
+        run = lambda x, y, n, k, th, b, pr, va: client_topk(th, b, x, y, n, k, pr, va)
+        delta, theta, pro, cnt, losses, kept = train_cohort(
+            ctx, run, co, theta_gen, data.budgets[co.ids], protos, valid,
+            extra_axes=(0, 0, None, None))
+        return co, vjp_fn, delta, theta["classifier"], pro, cnt, losses, kept, None
 
     def round_fn(state, data, t):
-        phi = state["phi"]
+        phi = state.phi
         protos, valid = align_targets(state)
         if width:
-            ids, ok_slot, vjp_fn, delta, cls, pro, cnt, losses, kept, dmask = wx.round(
+            co, vjp_fn, delta, cls, pro, cnt, losses, kept, dmask = wx.round(
                 state, data, t, phi, generate, lambda i: heads_of(state, i),
                 train_with_prototypes, protos, valid)
         else:
-            ids = ctx.sample_clients(t)
-            ok_slot = jnp.ones(ids.shape, bool)
-            x, y, n = ctx.gather(data, ids)
-            keys = ctx.client_keys(t, ids)
-            theta_gen, vjp_fn = jax.vjp(
-                lambda ph: generate(ph, state["desc"][ids], heads_of(state, ids), ids), phi)
-            theta_gen = ctx.shard_clients(theta_gen)
-            run = ctx.vmap_clients(client_topk, in_axes=(0, 0, 0, 0, 0, 0, None, None))
-            delta, theta, pro, cnt, losses, kept = run(theta_gen, data.budgets[ids], x, y, n, keys,
-                                                       protos, valid)
-            cls = theta["classifier"]
-            dmask = None
-        keys = ctx.client_keys(t, ids)
-        pro = upload_protos(pro, keys)
-        finite = (jax.vmap(is_finite_tree)(delta) & jnp.isfinite(losses)
-                  & jnp.all(jnp.isfinite(pro), axis=(1, 2))) & ok_slot
+            co, vjp_fn, delta, cls, pro, cnt, losses, kept, dmask = train_topk(
+                state, data, t, phi, protos, valid)
+        pro = upload_protos(pro, co.keys)
+        usable = finite_clients((delta, pro), losses)
+        finite = usable & co.valid
         n_ok = jnp.sum(finite.astype(jnp.float32))
         w = finite.astype(jnp.float32) / (jnp.maximum(n_ok, 1.0) if fc.reduction == "mean" else 1.0)
-        cot = jax.tree.map(lambda d: jnp.where(_bcast(finite, d), d, 0.0) * _bcast(w, d), delta)
+        cot = jax.tree.map(lambda d: d * _bcast(w, d), keep_where(finite, delta, 0.0))
         if backbone:
             cot = dict(cot, classifier=jax.tree.map(jnp.zeros_like, cot["classifier"]))
         (g,) = vjp_fn(cot)
-        upd, opt = hn_opt.update(g, state["opt"], phi)
-        new = dict(state, phi=optax.apply_updates(phi, upd), opt=opt)
-        bank, bank_valid = aggregate_prototypes(pro, cnt, finite, state["protos"],
-                                                state["proto_valid"], fc.proto_weighting,
-                                                fc.proto_bank, dmask)
-        new["protos"], new["proto_valid"] = bank, bank_valid
+        upd, opt = hn_opt.update(g, state.opt, phi)
+        bank, bank_valid = aggregate_prototypes(pro, cnt, finite, state.protos, state.proto_valid,
+                                                fc.proto_weighting, fc.proto_bank, dmask)
+        heads = state.heads
         if backbone:
-            old = jax.tree.map(lambda a: a[ids], state["heads"])
-            head = jax.tree.map(lambda a, o: jnp.where(_bcast(finite, a), a, o), cls, old)
-            new["heads"] = jax.tree.map(lambda a, h: a.at[ids].set(h), state["heads"], head)
+            heads = put_clients(heads, co.ids, keep_where(finite, cls, heads_of(state, co.ids)))
+        new = FrampState(optax.apply_updates(phi, upd), opt, state.desc, bank, bank_valid, heads)
         okf = finite.astype(jnp.float32)
-        loss = jnp.sum(jnp.where(finite, losses, 0.0)) / jnp.maximum(n_ok, 1.0)
         per_client_payload = kept + n_unmasked + K * F
         metrics = {
-            "train_loss": jnp.where(n_ok > 0, loss, jnp.nan),
-            "nan_clients": jnp.sum(ok_slot.astype(jnp.int32)) - jnp.sum(finite.astype(jnp.int32)),
+            **round_metrics(losses, usable, co.valid),
             "hn_grad_norm": optax.tree.norm(g),
             "protos_known": jnp.sum(bank_valid.astype(jnp.int32)),
             # SPEC §1.9, float32 values; uplink adds class counts; mask bits if sent explicitly
-            "comm/down_bytes": 4.0 * jnp.sum(per_client_payload * ok_slot),
-            "comm/up_bytes": 4.0 * jnp.sum((per_client_payload + K) * ok_slot),
-            "comm/mask_bytes": (0.0 if width else 1.0) * jnp.sum(ok_slot) * n_prunable / 8.0,
+            "comm/down_bytes": 4.0 * jnp.sum(per_client_payload * co.valid),
+            "comm/up_bytes": 4.0 * jnp.sum((per_client_payload + K) * co.valid),
+            "comm/mask_bytes": (0.0 if width else 1.0) * jnp.sum(co.valid) * n_prunable / 8.0,
             "kept_fraction": jnp.sum(kept * okf) / jnp.maximum(n_ok, 1.0) / n_prunable,
         }
         return new, metrics
 
     def models_at(state, desc, budgets, ids):
-        theta = generate(state["phi"], desc, heads_of(state, ids), ids)
+        theta = generate(state.phi, desc, heads_of(state, ids), ids)
         masks = jax.vmap(lambda th, b: M.topk_mask(th, prunable, b, groups))(theta, budgets)
         return M.apply_mask(theta, masks)
 
     def finetune(state, data, params, ids):
         protos, valid = align_targets(state)
         ft = cfg._replace(steps=fc.finetune_steps)
-        root = jax.random.fold_in(jax.random.key(c.seed), 4)
+        root = jax.random.fold_in(jax.random.key(ctx.seed), 4)
         prun = jax.vmap(lambda th: jax.tree.map(lambda a, f: (a != 0).astype(a.dtype) if f
                                                 else jnp.ones_like(a), th, prunable))
         masks = prun(params)
@@ -254,7 +402,7 @@ def framp(ctx: Context) -> Algorithm:
         def one(p, m, x, y, n, i):
             return local_train(make_loss(protos, valid), p, m, x, y, n,
                                jax.random.fold_in(root, i), ft)[0]
-        x = jax.tree.map(lambda a: a[ids], data.train_x)
+        x = take_clients(data.train_x, ids)
         return jax.vmap(one)(params, masks, x, data.train_y[ids], data.train_count[ids], ids)
 
     def groups_for(state, data, desc, budgets):
@@ -267,15 +415,17 @@ def framp(ctx: Context) -> Algorithm:
         return [EvalGroup(model.apply, params, ids, per_client=True)]
 
     def eval_groups(state, data):
-        return groups_for(state, data, state["desc"], data.budgets)
+        return groups_for(state, data, state.desc, data.budgets)
 
     def eval_groups_at_budget(state, data, budget):
-        desc = with_budget(state["desc"], fc.descriptor, budget, list(c.budget_levels))
+        desc = with_budget(state.desc, fc.descriptor, budget, list(ctx.budget_levels))
         return groups_for(state, data, desc, jnp.full((ctx.num_clients,), budget, jnp.float32))
 
-    # internals, for tests and research code that wants to reuse the pieces
-    round_fn.parts = dict(hn=hn, generate=generate, client_topk=client_topk, make_loss=make_loss,
-                          prunable=prunable, template=template, models_at=models_at,
-                          train_with_prototypes=train_with_prototypes, hn_opt=hn_opt)
-    return Algorithm("framp", init, round_fn, eval_groups,
-                     None if width else eval_groups_at_budget)
+    alg = Algorithm("framp", init, round_fn, eval_groups,
+                    None if width else eval_groups_at_budget,
+                    unseen_budgets=tuple(float(b) for b in fc.unseen_budgets))
+    return FrampInternals(hn, hn_opt, template, prunable, generate, make_loss,
+                          train_with_prototypes, client_topk, models_at, alg)
+
+
+METHOD = Method("framp", framp, framp_defaults, validate_options)

@@ -20,27 +20,17 @@ import numpy as np
 
 from framp_jax import width as W
 from framp_jax.algorithms.base import EvalGroup
-from framp_jax.config import ConfigError
+from framp_jax.algorithms.rounds import concat_cohorts, draw_level_cohorts, train_cohort
 
-FEATURE_UNITS = {"cnn": ("dense",), "resnet18": ("stage4",)}
-
-
-def spec_for(model_name: str):
-    if model_name.startswith("cnn"):
-        return W.cnn_spec(), FEATURE_UNITS["cnn"]
-    if model_name.startswith("resnet18"):
-        return W.resnet18_spec(), FEATURE_UNITS["resnet18"]
-    raise ConfigError("framp.extraction", "width",
-                      f"extraction='width' supports the cnn and resnet18 models, not {model_name}")
+MODELS = ("cnn", "resnet18")  # the families whose feature unit this extraction handles
 
 
 class WidthExtraction:
-    def __init__(self, ctx, template, prunable):
-        c = ctx.config
+    def __init__(self, ctx, width_rates, template, prunable):
         self.ctx = ctx
-        self.spec, self.keep = spec_for(ctx.model.name)
+        self.spec, self.keep = ctx.family.width_spec, ctx.family.feature_units
         self.sizes = W.check_spec(template, self.spec)
-        self.rates = {float(b): float(r) for b, r in zip(c.budget_levels, c.framp.width_rates)}
+        self.rates = {float(b): float(r) for b, r in zip(ctx.budget_levels, width_rates)}
         self.template, self.prunable = template, prunable
         total = sum(int(np.prod(x.shape)) for x, f in
                     zip(jax.tree.leaves(template), jax.tree.leaves(prunable)) if f)
@@ -58,10 +48,11 @@ class WidthExtraction:
         return W.gather(theta, self.spec, self.indices(theta, rate))
 
     def client(self, rate, train_with_prototypes):
-        """One client at width ``rate``: ``train_with_prototypes(protos, valid, p0, mask, x, y, n,
-        key) -> (params, loss, prototypes, counts)`` trains the narrow model and returns its
-        prototypes at the configured timing (framp.py)."""
-        def run(theta_gen, x, y, n, key, protos, valid):
+        """One client at width ``rate``, ``run(x, y, n, key, theta_gen, protos, valid)``:
+        ``train_with_prototypes(protos, valid, p0, mask, x, y, n, key) -> (params, loss,
+        prototypes, counts)`` trains the narrow model and returns its prototypes at the
+        configured timing (framp.py)."""
+        def run(x, y, n, key, theta_gen, protos, valid):
             idx = self.indices(theta_gen, rate)
             fidx = idx[self.keep[0]]  # the kept feature channels
             p0 = W.gather(theta_gen, self.spec, idx)
@@ -78,27 +69,25 @@ class WidthExtraction:
 
     def round(self, state, data, t, phi, generate, heads_of, train_with_prototypes,
               protos, valid):
-        """Generate all participants at once (one VJP), then train each level at its shape."""
-        ctx = self.ctx
-        groups = ctx.sample_clients_by_level(t)
-        ids = jnp.concatenate([g[1] for g in groups])
-        ok = jnp.concatenate([g[2] for g in groups])
-        theta_gen, vjp_fn = jax.vjp(lambda ph: generate(ph, state["desc"][ids], heads_of(ids), ids),
-                                    phi)
+        """Generate all participants at once (one VJP), then train each level at its shape.
+        Returns (the round's cohort, vjp_fn, delta, classifiers, prototypes, counts, losses,
+        kept entries, feature-channel masks), every level's clients concatenated in order."""
+        levels = draw_level_cohorts(self.ctx, data, t)
+        co = concat_cohorts([c for _, c in levels])
+        theta_gen, vjp_fn = jax.vjp(
+            lambda ph: generate(ph, state.desc[co.ids], heads_of(co.ids), co.ids), phi)
         outs, kept, off = [], [], 0
-        for budget, lid, _ in groups:
-            m = lid.shape[0]
+        for budget, lco in levels:
+            m = lco.ids.shape[0]
             th = jax.tree.map(lambda a: a[off:off + m], theta_gen)
-            x, y, n = ctx.gather(data, lid)
-            keys = ctx.client_keys(t, lid)
-            run = ctx.vmap_clients(self.client(self.rates[budget], train_with_prototypes),
-                                   in_axes=(0, 0, 0, 0, 0, None, None))
-            outs.append(run(th, x, y, n, keys, protos, valid))
+            run = self.client(self.rates[budget], train_with_prototypes)
+            outs.append(train_cohort(self.ctx, run, lco, th, protos, valid,
+                                     extra_axes=(0, None, None)))
             kept.append(jnp.full((m,), float(self.kept[budget])))
             off += m
         cat = lambda *xs: jnp.concatenate(xs, axis=0)
         delta, cls, pro, cnt, losses, dmask = jax.tree.map(cat, *outs)
-        return ids, ok, vjp_fn, delta, cls, pro, cnt, losses, jnp.concatenate(kept), dmask
+        return co, vjp_fn, delta, cls, pro, cnt, losses, jnp.concatenate(kept), dmask
 
     def eval_groups(self, state, generate, heads_of):
         out = []
@@ -106,7 +95,7 @@ class WidthExtraction:
             ids = np.flatnonzero(np.isclose(self.ctx.budgets, b))
             if len(ids) == 0:
                 continue
-            th = generate(state["phi"], state["desc"][jnp.asarray(ids)], heads_of(jnp.asarray(ids)),
+            th = generate(state.phi, state.desc[jnp.asarray(ids)], heads_of(jnp.asarray(ids)),
                           jnp.asarray(ids))
             params = jax.vmap(lambda t, r=r: self.narrow(t, r))(th)
             out.append(EvalGroup(self.ctx.model.apply, params, ids, per_client=True))

@@ -38,7 +38,11 @@ import numpy as np
 
 from framp_jax import width as W
 from framp_jax.algorithms.base import Algorithm, Context, EvalGroup
-from framp_jax.client import augment, is_finite_tree, local_train, normalize
+from framp_jax.algorithms.registry import Method
+from framp_jax.algorithms.rounds import (budget_groups, draw_level_cohorts, finite_clients,
+                                         holders_mean, keep_where, model_init_key, multistep_lr,
+                                         round_metrics, state_item, train_cohort)
+from framp_jax.client import local_train
 from framp_jax.config import ConfigError
 from framp_jax.losses import cross_entropy, label_masked_logits
 
@@ -124,8 +128,7 @@ def combine(global_params, spec: W.WidthSpec, parts, labelwise: bool = True,
         wp = jax.tree.map(lambda w, p: w * p, wt, part.params)
         num = jax.tree.map(jnp.add, num, _scatter_sum(zeros, wp, spec, part.idx))
         den = jax.tree.map(jnp.add, den, _scatter_sum(zeros, wt, spec, part.idx))
-    return jax.tree.map(lambda g, n, d: jnp.where(d > 0, n / jnp.where(d > 0, d, 1.0), g),
-                        global_params, num, den)
+    return jax.tree.map(holders_mean, global_params, num, den)
 
 
 def counted_leaves(params):
@@ -171,8 +174,7 @@ def combine_official_counts(global_params, spec, parts, tmp_counts, labelwise: b
         prior = jnp.cumsum(c, axis=0) - c
         w = c * (t[None] + prior)
         num, den = jnp.sum(w * v, 0), jnp.sum(w, 0)
-        new = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), g)
-        return new, t + jnp.sum(c, 0)
+        return holders_mean(g, num, den), t + jnp.sum(c, 0)
 
     out = jax.tree.map(leaf, counted, global_params, plain, cov, val, tmp_counts)
     is_pair = lambda x: isinstance(x, tuple)
@@ -191,43 +193,18 @@ class Family(NamedTuple):
     sbn: bool
 
 
-def model_family(ctx: Context, backbone: str, image_shape) -> Family:
-    """Models at every width of ``backbone`` for ``c.model``: "preact" = ``models/preact.py``
-    (``model="cnn"`` → its small-CNN analogue, ``"resnet18"`` → the pre-act ResNet-18); "same" =
-    the engine's own ``c.model`` (CNN, post-act ResNet-18 or GCN) at that width."""
-    c, k = ctx.config, ctx.num_classes
-    if c.model == "gcn":
-        from framp_jax.models.gcn import gcn_dims, make_gcn_width
-        in_dim, hidden = gcn_dims(ctx.model)
-        mk = lambda r: make_gcn_width(in_dim, k, W.width_of(hidden, r), float(c.dropout))
-        return Family(functools.lru_cache(None)(mk), W.gcn_spec(), False)
-    image_shape = tuple(int(s) for s in image_shape)
-    from framp_jax.models.layers import with_compute_dtype
-    with_dtype = lambda mk: (lambda r: with_compute_dtype(mk(r), c.get("compute_dtype", "float32")))
+def backbone_family(family, backbone: str) -> Family:
+    """HeteroFL's models at every width: "preact" = the family's pre-activation sBN variant
+    (``models/preact.py``: the pre-act ResNet-18, or its small-CNN analogue); "same" = the run's
+    own network (CNN, post-act ResNet-18 or GCN) at that width."""
     if backbone == "preact":
-        from framp_jax.models.preact import make_preact_cnn, make_preact_resnet18
-        if c.model == "cnn":
-            mk, spec = (lambda r: make_preact_cnn(k, image_shape, width=r, conv_impl=c.conv_impl),
-                        W.preact_cnn_spec())
-        else:
-            mk, spec = (lambda r: make_preact_resnet18(k, image_shape, width=r,
-                                                       conv_impl=c.conv_impl),
-                        W.preact_resnet18_spec())
-        return Family(functools.lru_cache(None)(with_dtype(mk)), spec, True)
-    if c.model == "cnn":
-        from framp_jax.models.cnn import make_cnn
-        mk, spec = (lambda r: make_cnn(k, image_shape, width=r, conv_impl=c.conv_impl),
-                    W.cnn_spec())
-    else:
-        from framp_jax.models.resnet import make_resnet18
-        mk, spec = (lambda r: make_resnet18(k, image_shape, width=r, conv_impl=c.conv_impl),
-                    W.resnet18_spec())
-    return Family(functools.lru_cache(None)(with_dtype(mk)), spec, False)
+        return Family(family.make_preact, family.preact_spec, True)
+    return Family(family.make, family.width_spec, False)
 
 
-def level_rates(c, opts) -> dict:
-    """{budget: width rate}, from ``opts.rates`` aligned with ``c.budget_levels``."""
-    levels, rates = tuple(float(b) for b in c.budget_levels), tuple(float(r) for r in opts.rates)
+def level_rates(budget_levels, opts) -> dict:
+    """{budget: width rate}, from ``opts.rates`` aligned with the budget levels."""
+    levels, rates = tuple(float(b) for b in budget_levels), tuple(float(r) for r in opts.rates)
     return dict(zip(levels, rates))
 
 
@@ -238,12 +215,8 @@ def rate_of(rates: dict, budget: float) -> float:
     raise KeyError(f"budget {budget} has no width rate in {rates}")
 
 
-def lr_at(t, base_lr: float, milestones, gamma: float, offset: int = 0):
-    """MultiStepLR: ``base_lr · gamma^{#{m ≤ t + offset}}`` (``t`` traced)."""
-    if not milestones:
-        return jnp.asarray(base_lr, jnp.float32)
-    n = jnp.sum(jnp.asarray(milestones, jnp.int32) <= t + offset)
-    return base_lr * jnp.asarray(gamma, jnp.float32) ** n.astype(jnp.float32)
+# MultiStepLR: ``base_lr · gamma^{#{m ≤ t + offset}}`` (``t`` traced)
+lr_at = multistep_lr
 
 
 def validate_width_opts(c, name: str, opts, allowed_backbones=("preact", "same")):
@@ -269,23 +242,11 @@ def validate_width_opts(c, name: str, opts, allowed_backbones=("preact", "same")
           f"at most num_clients={c.num_clients}")
 
 
-def method_options(c, name: str, defaults: mlc.ConfigDict) -> mlc.ConfigDict:
-    """The preset's ``c.<name>`` over the defaults (a config without it gets the defaults)."""
-    opts = defaults
-    given = c.get(name)
-    if given is not None:
-        unknown = set(given.keys()) - set(opts.keys())
-        if unknown:
-            raise ConfigError(name, sorted(unknown), f"known options {sorted(opts.keys())}")
-        opts = mlc.ConfigDict(dict(opts.to_dict(), **given.to_dict()))
-    return opts
-
-
 # ---------------------------------------------------------------------------------------------
 # sBN statistics pass
 
 def sbn_statistics(model, params, data, client_ids, max_per_client: int, batch: int,
-                   mean, std, aug: bool, key):
+                   modality, aug: bool, key):
     """Cumulative average of the per-batch BN statistics of ``model`` over the training data of
     ``client_ids`` (static), in consecutive batches of ``batch`` valid samples (the last one
     wraps around). PyTorch's train-mode BN with ``momentum=None`` keeps exactly this average."""
@@ -303,9 +264,7 @@ def sbn_statistics(model, params, data, client_ids, max_per_client: int, batch: 
     def body(carry, b):
         acc, cnt = carry
         sel = src[(b * batch + jnp.arange(batch)) % n_valid]
-        xb = normalize(xs[sel], mean, std)
-        if aug and xb.ndim == 4:
-            xb = augment(jax.random.fold_in(key, b), xb)
+        xb = modality.prepare(xs[sel], jax.random.fold_in(key, b) if aug else None)
         st = model.batch_stats(params, xb)
         w = (b * batch < n_valid).astype(jnp.float32)
         return (jax.tree.map(lambda a, s: a + w * s, acc, st), cnt + w), None
@@ -330,6 +289,14 @@ def _masked_logits(logits, label_counts_row):
 # ---------------------------------------------------------------------------------------------
 # the algorithm
 
+class WidthState(NamedTuple):
+    """The server state of HeteroFL and FedRolex."""
+    params: Any               # the global (full-width) model
+    tmp_counts: Any = None    # FedRolex official_count_bug: running update counts, like params
+    t: Any = None             # int32 completed rounds (FedRolex eval_window="last")
+    __getitem__ = state_item  # state["params"] reads a field (as the former dict state)
+
+
 def width_method(ctx: Context, name: str, opts, index_fn: Callable, per_client_index: bool = False,
                  lr_offset: int = 0, eval_bn: str = "sbn", count_bug: bool = False,
                  eval_index_fn: Callable | None = None, weighting: str = "avg") -> Algorithm:
@@ -339,26 +306,18 @@ def width_method(ctx: Context, name: str, opts, index_fn: Callable, per_client_i
     with ``per_client_index`` it is vmapped over the level's clients. Evaluation uses the prefix
     (HeteroFL's submodel; FedRolex's window at roll 0) unless ``eval_index_fn(sizes, rate,
     t_done)`` is given, ``t_done`` being the number of completed rounds (kept in the state as
-    ``"t"``). ``eval_bn``: "sbn" (server statistics pass) or "batch" (batch statistics of each
+    ``t``). ``eval_bn``: "sbn" (server statistics pass) or "batch" (batch statistics of each
     eval batch). ``weighting``: "avg" or "width" (:func:`combine`)."""
-    c, cfg = ctx.config, ctx.local
-    validate_width_opts(c, name, opts)
-    rates = level_rates(c, opts)
-    for b in np.unique(ctx.budgets):
-        rate_of(rates, float(b))
-    fams: dict = {}
-
-    def family(data) -> Family:
-        x = data.train_x
-        shape = tuple(x.shape[2:]) if hasattr(x, "shape") else ()  # graphs: a pytree
-        if shape not in fams:
-            fams[shape] = model_family(ctx, opts.backbone, shape)
-        return fams[shape]
+    cfg = ctx.local
+    rates = level_rates(ctx.budget_levels, opts)
+    for b in budget_groups(ctx):
+        rate_of(rates, b)
+    fam = backbone_family(ctx.family, opts.backbone)
 
     use_sbn = eval_bn == "sbn" and opts.backbone == "preact" and opts.sbn
     if opts.sbn_clients:
-        sbn_ids = np.sort(np.random.default_rng(c.seed).choice(ctx.num_clients, opts.sbn_clients,
-                                                               replace=False))
+        sbn_ids = np.sort(np.random.default_rng(ctx.seed).choice(ctx.num_clients,
+                                                                 opts.sbn_clients, replace=False))
     else:
         sbn_ids = np.arange(ctx.num_clients)
 
@@ -371,81 +330,65 @@ def width_method(ctx: Context, name: str, opts, index_fn: Callable, per_client_i
         return loss
 
     def init(key, data):
-        fam = family(data)
-        state = {"params": fam.model(1.0).init(ctx.init_key())}
-        if count_bug:
-            state["tmp_counts"] = jax.tree.map(jnp.ones_like, state["params"])
-        if eval_index_fn is not None:
-            state["t"] = jnp.zeros((), jnp.int32)
-        return state
+        params = fam.model(1.0).init(model_init_key(ctx, key))
+        return WidthState(params,
+                          jax.tree.map(jnp.ones_like, params) if count_bug else None,
+                          jnp.zeros((), jnp.int32) if eval_index_fn is not None else None)
 
     def round_fn(state, data, t):
-        fam = family(data)
-        params = state["params"]
+        params = state.params
         sizes = W.unit_sizes(params, fam.spec)
-        lr = lr_at(t, c.lr, tuple(opts.lr_milestones), opts.lr_gamma, lr_offset)
+        lr = lr_at(t, cfg.lr, tuple(opts.lr_milestones), opts.lr_gamma, lr_offset)
         parts, losses_all, valid_all, finite_all = [], [], [], []
-        for budget, ids, valid in ctx.sample_clients_by_level(t):
+        for budget, co in draw_level_cohorts(ctx, data, t):
             r = rate_of(rates, budget)
             level_loss = make_loss(fam.model(r))
-            x, y, n = ctx.gather(data, ids)
-            keys = ctx.client_keys(t, ids)
-            lmask = (data.label_counts[ids] > 0).astype(jnp.float32)
+            lmask = (data.label_counts[co.ids] > 0).astype(jnp.float32)
             if per_client_index:
-                idx = jax.vmap(lambda i: index_fn(sizes, r, t, i))(ids)
+                idx = jax.vmap(lambda i: index_fn(sizes, r, t, i))(co.ids)
             else:
                 idx = index_fn(sizes, r, t, None)
 
-            def train_one(ix, xx, yy, nn, kk, lm):
+            def train_one(x, y, n, k, ix, lm):
                 sub = W.gather(params, fam.spec, ix)
                 return local_train(lambda p, xb, yb, rng: level_loss(p, xb, yb, rng, lm), sub, None,
-                                   xx, yy, nn, kk, cfg, lr=lr)
+                                   x, y, n, k, cfg, lr=lr)
 
-            in_axes = (0 if per_client_index else None, 0, 0, 0, 0, 0)
-            new, losses = ctx.vmap_clients(train_one, in_axes=in_axes)(idx, x, y, n, keys, lmask)
-            finite = jax.vmap(is_finite_tree)(new) & jnp.isfinite(losses)
-            w = (valid & finite).astype(jnp.float32)
+            new, losses = train_cohort(ctx, train_one, co, idx, lmask,
+                                       extra_axes=(0 if per_client_index else None, 0))
+            finite = finite_clients(new, losses)
+            ok = co.valid & finite
             # a failed client's params may hold NaN; zero them so 0-weight products stay finite
-            new = jax.tree.map(lambda a: jnp.where(
-                (w > 0).reshape((-1,) + (1,) * (a.ndim - 1)), a, 0.0), new)
-            parts.append(Part(new, idx, w, lmask))
+            parts.append(Part(keep_where(ok, new, 0.0), idx, ok.astype(jnp.float32), lmask))
             losses_all.append(losses)
-            valid_all.append(valid)
+            valid_all.append(co.valid)
             finite_all.append(finite)
+        tmp_counts = None
         if count_bug:
-            new_params, tmp = combine_official_counts(params, fam.spec, parts, state["tmp_counts"],
-                                                      opts.labelwise_output, weighting)
-            new_state = {"params": new_params, "tmp_counts": tmp}
+            new_params, tmp_counts = combine_official_counts(
+                params, fam.spec, parts, state.tmp_counts, opts.labelwise_output, weighting)
         else:
-            new_state = {"params": combine(params, fam.spec, parts, opts.labelwise_output,
-                                           weighting)}
-        if eval_index_fn is not None:
-            new_state["t"] = state["t"] + 1
-        losses, valid = jnp.concatenate(losses_all), jnp.concatenate(valid_all)
-        ok = valid & jnp.concatenate(finite_all)
-        n_ok = jnp.sum(ok)
-        loss = jnp.sum(jnp.where(ok, losses, 0.0)) / jnp.maximum(n_ok, 1)
-        metrics = {"train_loss": jnp.where(n_ok > 0, loss, jnp.nan),
-                   "nan_clients": jnp.sum(valid & ~jnp.concatenate(finite_all)).astype(jnp.int32),
-                   "lr": lr}
-        return new_state, metrics
+            new_params = combine(params, fam.spec, parts, opts.labelwise_output, weighting)
+        new_state = WidthState(new_params, tmp_counts,
+                               state.t + 1 if eval_index_fn is not None else None)
+        cat = jnp.concatenate
+        metrics = round_metrics(cat(losses_all), cat(finite_all), cat(valid_all))
+        return new_state, dict(metrics, lr=lr)
 
     def eval_groups(state, data):
-        fam = family(data)
-        params = state["params"]
+        params = state.params
         sizes = W.unit_sizes(params, fam.spec)
         groups = []
-        for b in np.unique(ctx.budgets):
-            ids = np.flatnonzero(np.isclose(ctx.budgets, b))
-            r = rate_of(rates, float(b))
+        for b, ids in budget_groups(ctx).items():
+            r = rate_of(rates, b)
             model = fam.model(r)
             idx = (W.prefix_indices(sizes, r) if eval_index_fn is None
-                   else eval_index_fn(sizes, r, state["t"]))
+                   else eval_index_fn(sizes, r, state.t))
             sub = W.gather(params, fam.spec, idx)
             stats = None
             if use_sbn:
                 stats = sbn_statistics(model, sub, data, sbn_ids, opts.sbn_max_per_client,
-                                       opts.sbn_batch, cfg.mean, cfg.std, opts.sbn_augment,
+                                       opts.sbn_batch, ctx.modality, opts.sbn_augment,
                                        jax.random.fold_in(ctx.init_key(), 7))
             groups.append(EvalGroup(functools.partial(_eval_apply, model),
                                     {"params": sub, "bn_stats": stats}, ids, per_client=False,
@@ -455,7 +398,10 @@ def width_method(ctx: Context, name: str, opts, index_fn: Callable, per_client_i
     return Algorithm(name, init, round_fn, eval_groups)
 
 
-def heterofl(ctx: Context) -> Algorithm:
-    opts = method_options(ctx.config, "heterofl", heterofl_defaults())
+def heterofl(ctx: Context, opts) -> Algorithm:
     return width_method(ctx, "heterofl", opts,
                         lambda sizes, r, t, cid: W.prefix_indices(sizes, r))
+
+
+METHOD = Method("heterofl", heterofl, heterofl_defaults,
+                lambda c, opts: validate_width_opts(c, "heterofl", opts))

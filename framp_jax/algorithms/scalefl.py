@@ -35,17 +35,22 @@ measures elsewhere in framp_jax; ``init`` prints each level's measured fraction.
 """
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
 from framp_jax.algorithms.base import Algorithm, Context, EvalGroup
-from framp_jax.client import is_finite_tree, local_train
+from framp_jax.algorithms.registry import Method
+from framp_jax.algorithms.rounds import (budget_groups, draw_level_cohorts, finite_clients,
+                                         holders_mean, keep_where, model_init_key, multistep_lr,
+                                         round_metrics, state_item, train_cohort)
+from framp_jax.client import local_train
 from framp_jax.config import ConfigError
 from framp_jax.losses import cross_entropy
 from framp_jax.models import exits as E
-from framp_jax.models.layers import with_compute_dtype
 
 # budget -> (exits, width)
 DEFAULT_LEVELS = {
@@ -69,38 +74,38 @@ def default_options() -> mlc.ConfigDict:
     return o
 
 
-def level_map(c) -> dict:
-    """{budget: (exits, width)} for every configured budget level, validated."""
-    o = c.scalefl
-    if c.model not in MAX_EXITS:
-        raise ConfigError("model", c.model, "ScaleFL has early-exit variants of 'cnn', 'resnet18' and 'gcn'")
-    levels = [float(b) for b in c.budget_levels]
+def level_map(model: str, budget_levels, o) -> dict:
+    """{budget: (exits, width)} for every budget level of ``model``'s ScaleFL options ``o``,
+    validated."""
+    if model not in MAX_EXITS:
+        raise ConfigError("model", model, "ScaleFL has early-exit variants of 'cnn', 'resnet18' and 'gcn'")
+    levels = [float(b) for b in budget_levels]
     if len(o.exits) == 0 and len(o.widths) == 0:
-        d = DEFAULT_LEVELS[c.model]
+        d = DEFAULT_LEVELS[model]
         miss = [b for b in levels if not any(np.isclose(b, k) for k in d)]
         if miss:
             raise ConfigError("scalefl.exits", tuple(o.exits),
                               f"one (exits, width) per budget level: the default map of "
-                              f"{c.model} covers budgets {sorted(d)}, not {miss}; set "
+                              f"{model} covers budgets {sorted(d)}, not {miss}; set "
                               "scalefl.exits and scalefl.widths")
         return {b: next(v for k, v in d.items() if np.isclose(b, k)) for b in levels}
     for f in ("exits", "widths"):
         if len(o[f]) != len(levels):
             raise ConfigError(f"scalefl.{f}", tuple(o[f]),
                               f"{len(levels)} values, one per budget level {tuple(levels)}")
-    m = MAX_EXITS[c.model]
+    m = MAX_EXITS[model]
     for h in o.exits:
         if not (isinstance(h, int) and 1 <= h <= m):
-            raise ConfigError("scalefl.exits", tuple(o.exits), f"integers in 1..{m} for {c.model}")
+            raise ConfigError("scalefl.exits", tuple(o.exits), f"integers in 1..{m} for {model}")
     for w in o.widths:
         if not (0 < w <= 1):
             raise ConfigError("scalefl.widths", tuple(o.widths), "width factors in (0, 1]")
     return {b: (int(h), float(w)) for b, h, w in zip(levels, o.exits, o.widths)}
 
 
-def validate_options(c) -> None:
-    o = c.scalefl
-    level_map(c)
+def validate_options(c, o) -> None:
+    """ScaleFL's options ``o`` (``config.scalefl`` over :func:`default_options`)."""
+    level_map(c.model, c.budget_levels, o)
     if not o.kd_gamma >= 0:
         raise ConfigError("scalefl.kd_gamma", o.kd_gamma, ">= 0 (0 disables self-distillation)")
     if not o.kd_T > 0:
@@ -149,10 +154,7 @@ def level_loss(m, kd_on, gamma, T):
 
 def lr_at(t, base, milestones=(), decay=0.1):
     """``utils.adjust_learning_rate`` multistep: base · decay^(number of milestones ≤ t)."""
-    if not milestones:
-        return jnp.asarray(base, jnp.float32)
-    k = jnp.sum(jnp.asarray(t) >= jnp.asarray(milestones, jnp.int32))
-    return jnp.asarray(base, jnp.float32) * jnp.asarray(decay, jnp.float32) ** k
+    return multistep_lr(t, base, milestones, decay, integer_power=True)
 
 
 def aggregate(global_params, level_updates):
@@ -165,102 +167,72 @@ def aggregate(global_params, level_updates):
     den = jax.tree.map(jnp.zeros_like, global_params)
     for stacked, w in level_updates:
         w = jnp.asarray(w, jnp.float32)
-
-        def wsum(a):
-            ok = w.reshape((-1,) + (1,) * (a.ndim - 1)) > 0
-            return jnp.tensordot(w, jnp.where(ok, a, 0.0), axes=1)
-        s = jax.tree.map(wsum, stacked)
+        s = jax.tree.map(lambda a: jnp.tensordot(w, a, axes=1), keep_where(w > 0, stacked, 0.0))
         cnt = jax.tree.map(lambda a: jnp.full(a.shape, jnp.sum(w), a.dtype), s)
         num = jax.tree.map(jnp.add, num, E.embed_sum(global_params, s))
         den = jax.tree.map(jnp.add, den, E.embed_sum(global_params, cnt))
-    return jax.tree.map(lambda g, n, d: jnp.where(d > 0, n / jnp.where(d > 0, d, 1.0), g),
-                        global_params, num, den)
+    return jax.tree.map(holders_mean, global_params, num, den)
 
 
-def level_fractions(model: str, num_classes: int, image_shape, levels: dict, **kw) -> dict:
-    """{budget: prunable-parameter fraction of the level's model relative to the global one}
-    (``kw``: the GCN's ``hidden``/``dropout``)."""
-    full = E.make_exits_model(model, num_classes, image_shape, 1.0, MAX_EXITS[model], **kw)
-    tot = E.num_params(full, prunable_only=True)
-    return {b: E.num_params(E.make_exits_model(model, num_classes, image_shape, w, h, **kw),
-                            prunable_only=True) / tot for b, (h, w) in levels.items()}
+def level_fractions(family, levels: dict) -> dict:
+    """{budget: prunable-parameter fraction of the level's model relative to the global one}."""
+    tot = E.num_params(family.make_exits(1.0, family.max_exits), prunable_only=True)
+    return {b: E.num_params(family.make_exits(w, h), prunable_only=True) / tot
+            for b, (h, w) in levels.items()}
 
 
-def scalefl(ctx: Context) -> Algorithm:
-    c, cfg = ctx.config, ctx.local
-    validate_options(c)
-    o = c.scalefl
-    levels = level_map(c)
+class ScaleFLState(NamedTuple):
+    params: Any               # the global model (all exits, full width)
+    __getitem__ = state_item  # state["params"] reads the field (as the former dict state)
+
+
+def scalefl(ctx: Context, o) -> Algorithm:
+    cfg, family = ctx.local, ctx.family
+    levels = level_map(family.name, ctx.budget_levels, o)
     gamma, T = float(o.kd_gamma), float(o.kd_T)
     milestones, decay = tuple(int(m) for m in o.lr_milestones), float(o.lr_decay)
-    K = ctx.num_classes
-    cache = {}
-    kw = dict(hidden=int(c.gcn_hidden), dropout=float(c.dropout)) if c.model == "gcn" else {}
-
-    def input_shape(data):
-        """The image shape, or ``(in_dim,)`` for graph clients (``train_x`` is a graph pytree)."""
-        if c.model == "gcn":
-            from framp_jax.models.gcn import gcn_dims
-            return (gcn_dims(ctx.model)[0],)
-        return tuple(int(d) for d in data.train_x.shape[2:])
-
-    def models(data):
-        """Global and per-level exit models for the data's input shape (built once)."""
-        shape = input_shape(data)
-        if shape not in cache:
-            dt = c.get("compute_dtype", "float32")
-            mk = lambda w, h: with_compute_dtype(
-                E.make_exits_model(c.model, K, shape, w, h, c.conv_impl, **kw), dt)
-            per = {b: mk(w, h) for b, (h, w) in levels.items()}
-            cache[shape] = (mk(1.0, MAX_EXITS[c.model]), per,
-                            {b: E.param_shapes(m) for b, m in per.items()})
-        return cache[shape]
+    full = family.make_exits(1.0, family.max_exits)
+    per = {b: family.make_exits(w, h) for b, (h, w) in levels.items()}
+    shapes = {b: E.param_shapes(m) for b, m in per.items()}
 
     def level_of(s):
         return next(b for b in levels if np.isclose(b, s))
 
     def init(key, data):
-        full, per, _ = models(data)
-        fr = level_fractions(c.model, K, input_shape(data), levels, **kw)
+        fr = level_fractions(family, levels)
         for b in sorted(levels):
             h, w = levels[b]
             print(f"scalefl level budget={b:g}: exits={h} width={w:g} params={E.num_params(per[b])} "
                   f"prunable fraction={fr[b]:.4f}")
-        return {"params": full.init(ctx.init_key())}
+        return ScaleFLState(full.init(model_init_key(ctx, key)))
 
     def round_fn(state, data, t):
-        _, per, shapes = models(data)
-        g = state["params"]
-        lr = lr_at(t, c.lr, milestones, decay)
-        kd_on = kd_active(t, o.kd_start, c.rounds)
-        updates, loss_sum, n_ok, n_bad = [], 0.0, 0.0, 0
-        for s, ids, valid in ctx.sample_clients_by_level(t):
+        g = state.params
+        lr = lr_at(t, cfg.lr, milestones, decay)
+        kd_on = kd_active(t, o.kd_start, ctx.rounds)
+        updates, losses_l, finite_l, valid_l = [], [], [], []
+        for s, co in draw_level_cohorts(ctx, data, t):
             b = level_of(s)
             p0 = E.extract(g, shapes[b])
             loss_fn = level_loss(per[b], kd_on, gamma, T)
-            x, y, n = ctx.gather(data, ids)
-            keys = ctx.client_keys(t, ids)
-            train = ctx.vmap_clients(
-                lambda xx, yy, nn, kk, p0=p0, f=loss_fn: local_train(f, p0, None, xx, yy, nn, kk, cfg, lr=lr))
-            new, losses = train(x, y, n, keys)
-            finite = jax.vmap(is_finite_tree)(new) & jnp.isfinite(losses)
-            ok = valid & finite
-            updates.append((new, ok.astype(jnp.float32)))
-            loss_sum = loss_sum + jnp.sum(jnp.where(ok, losses, 0.0))
-            n_ok = n_ok + jnp.sum(ok)
-            n_bad = n_bad + jnp.sum(valid & ~finite)
-        metrics = {"train_loss": jnp.where(n_ok > 0, loss_sum / jnp.maximum(n_ok, 1), jnp.nan),
-                   "nan_clients": n_bad, "lr": lr}
-        return {"params": aggregate(g, updates)}, metrics
+            new, losses = train_cohort(
+                ctx, lambda x, y, n, k, p0=p0, f=loss_fn: local_train(f, p0, None, x, y, n, k, cfg,
+                                                                       lr=lr), co)
+            finite = finite_clients(new, losses)
+            updates.append((new, (co.valid & finite).astype(jnp.float32)))
+            losses_l.append(losses)
+            finite_l.append(finite)
+            valid_l.append(co.valid)
+        # per-level lists: the loss sum is accumulated level by level, as before
+        metrics = dict(round_metrics(losses_l, finite_l, valid_l), lr=lr)
+        return ScaleFLState(aggregate(g, updates)), metrics
 
     def eval_groups(state, data):
-        _, per, shapes = models(data)
-        g = state["params"]
-        out = []
-        for s in np.unique(ctx.budgets):
-            b = level_of(float(s))
-            ids = np.flatnonzero(np.isclose(ctx.budgets, s))
-            out.append(EvalGroup(per[b].apply, E.extract(g, shapes[b]), ids, per_client=False))
-        return out
+        g = state.params
+        return [EvalGroup(per[level_of(s)].apply, E.extract(g, shapes[level_of(s)]), ids,
+                          per_client=False) for s, ids in budget_groups(ctx).items()]
 
     return Algorithm("scalefl", init, round_fn, eval_groups)
+
+
+METHOD = Method("scalefl", scalefl, default_options, validate_options)
