@@ -53,7 +53,7 @@ def func_emb_budget(model, ctx, data, steps: int):
         emb = (counts[:, None] * protos).sum(0) / jnp.maximum(counts.sum(), 1.0)
         return emb / jnp.maximum(jnp.linalg.norm(emb), 1e-12)
 
-    root = jax.random.fold_in(jax.random.key(ctx.config.seed), 3)
+    root = jax.random.fold_in(jax.random.key(ctx.seed), 3)
     keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.arange(ctx.num_clients))
     emb = jax.jit(jax.vmap(one))(data.train_x, data.train_y, data.train_count, data.budgets, keys)
     return jnp.concatenate([emb, budget_code(data.budgets)[:, None]], -1)
@@ -63,7 +63,7 @@ def compute_descriptors(kind, model, ctx, data, func_emb_steps: int = 50):
     if kind == "label_hist+budget":
         return label_hist_budget(data.label_counts, data.budgets)
     if kind == "onehot_budget":
-        return onehot_budget(np.asarray(ctx.budgets), list(ctx.config.budget_levels))
+        return onehot_budget(np.asarray(ctx.budgets), list(ctx.budget_levels))
     if kind == "budget_only":
         return budget_code(data.budgets)[:, None]
     if kind == "func_emb+budget":

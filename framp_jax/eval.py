@@ -1,69 +1,16 @@
-"""Evaluation (SPEC §2.6): Local(s) on each client's own test split and Union(s) on the union
-of all clients' test data, per budget level, with fixed-size deterministic eval batches (20 by
-default: with static BN the accuracy depends on the batch composition)."""
+"""Evaluation summaries (SPEC §2.6): Local(s) on each client's own test split and Union(s) on
+the union of all clients' test data, per budget level. The accuracies themselves are computed by
+the data's modality (``local_accuracy``/``union_accuracy`` of :mod:`framp_jax.data.modality`)."""
 from __future__ import annotations
 
 from fractions import Fraction
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-
-from framp_jax.client import normalize
 
 
 def budget_label(b: float) -> str:
     f = Fraction(float(b)).limit_denominator(4096)
     return str(f.numerator) if f.denominator == 1 else f"{f.numerator}/{f.denominator}"
-
-
-def batch_for_eval(x, y, count, batch: int):
-    """Reshape one split into [nb, batch, ...] batches in index order. The tail is padded by
-    wrapping around real samples (so BN batch statistics only see real images) and marked
-    invalid."""
-    nb = -(-x.shape[0] // batch)
-    pos = jnp.arange(nb * batch)
-    idx = pos % jnp.maximum(count, 1)
-    valid = pos < count
-    return (x[idx].reshape((nb, batch) + x.shape[1:]), y[idx].reshape(nb, batch),
-            valid.reshape(nb, batch))
-
-
-def correct_count(apply_fn, params, xb, yb, vb, mean, std, logits_fn=None):
-    """Number of correct predictions over pre-batched data [nb, batch, ...]."""
-    def body(acc, b):
-        x, y, v = b
-        logits, _ = apply_fn(params, normalize(x, mean, std), train=False)
-        if logits_fn is not None:
-            logits = logits_fn(logits)
-        return acc + jnp.sum((jnp.argmax(logits, -1) == y) & v), None
-    out, _ = jax.lax.scan(body, jnp.zeros((), jnp.int32), (xb, yb, vb))
-    return out
-
-
-def local_accuracy(apply_fn, params_stack, test_x, test_y, test_count, mean, std, batch=20,
-                   logits_fn=None, label_counts=None, shared_params=False):
-    """Accuracy of model i on client i's own test split; params_stack and test arrays share the
-    leading client axis (``shared_params``: one model for every client). ``logits_fn(logits,
-    label_counts_row)`` optionally transforms logits per client. Clients without test data get
-    NaN."""
-    lc = label_counts if label_counts is not None else jnp.zeros((test_x.shape[0], 1))
-
-    def one(p, x, y, c, row):
-        xb, yb, vb = batch_for_eval(x, y, c, batch)
-        f = None if logits_fn is None else (lambda lg: logits_fn(lg, row))
-        return correct_count(apply_fn, p, xb, yb, vb, mean, std, f)
-    correct = jax.vmap(one, in_axes=(None if shared_params else 0, 0, 0, 0, 0))(
-        params_stack, test_x, test_y, test_count, lc)
-    return jnp.where(test_count > 0, correct / jnp.maximum(test_count, 1), jnp.nan)
-
-
-def union_accuracy(apply_fn, params_stack, x, y, mean, std, batch=20, model_chunk=None):
-    """Accuracy of each model of the stack on the same (union) test set."""
-    xb, yb, vb = batch_for_eval(x, y, x.shape[0], batch)
-    f = lambda p: correct_count(apply_fn, p, xb, yb, vb, mean, std)
-    correct = jax.lax.map(f, params_stack, batch_size=model_chunk)
-    return correct / x.shape[0]
 
 
 def summarize(budgets, local_acc=None, union_acc=None, levels=None):
@@ -84,4 +31,95 @@ def summarize(budgets, local_acc=None, union_acc=None, levels=None):
                 out[f"{name}/{budget_label(s)}"] = float(np.nanmean(acc[sel]))
                 per.append(out[f"{name}/{budget_label(s)}"])
         out[f"{name}/mean"] = float(np.nanmean(acc)) if name == "local" else float(np.mean(per))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's evaluator
+
+
+def make_evaluator(alg, ctx, eval_batch: int, model_chunk: int = 0, at_budget: bool = False):
+    """A jitted ``evaluate(state, data, union_x, union_y) -> (local_acc[N], union_acc[N])`` over
+    the algorithm's ``eval_groups`` with the context's modality (eval batches of ``eval_batch``;
+    ``model_chunk`` > 0 evaluates that many models at a time on the union set). With
+    ``at_budget`` it takes a traced ``budget`` too and evaluates every client's model at that
+    budget (``alg.eval_groups_at_budget``), one compile for all budgets."""
+    import jax
+    import jax.numpy as jnp
+    modality = ctx.modality
+    chunk = model_chunk or None
+
+    def evaluate(state, data, ux, uy, budget=None):
+        local = jnp.zeros((ctx.num_clients,), jnp.float32)
+        union = jnp.zeros((ctx.num_clients,), jnp.float32)
+        groups = (alg.eval_groups_at_budget(state, data, budget) if at_budget
+                  else alg.eval_groups(state, data))
+        for g in groups:
+            ids = np.asarray(g.client_ids)
+            if len(ids) == 0:
+                continue
+            tx = jax.tree.map(lambda a: a[ids], data.test_x)
+            ty, tc = data.test_y[ids], data.test_count[ids]
+            la = modality.local_accuracy(g.apply, g.params, tx, ty, tc, eval_batch,
+                                         g.local_logits_fn, data.label_counts[ids],
+                                         not g.per_client)
+            if g.per_client:
+                ua = modality.union_accuracy(g.apply, g.params, ux, uy, eval_batch, chunk)
+            else:
+                single = jax.tree.map(lambda a: a[None], g.params)
+                ua = jnp.broadcast_to(modality.union_accuracy(g.apply, single, ux, uy,
+                                                              eval_batch)[0], (len(ids),))
+            local = local.at[ids].set(la)
+            union = union.at[ids].set(ua)
+        return local, union
+
+    return jax.jit(evaluate)
+
+
+def union_subset(c, data):
+    """The union test set of intermediate evaluations: ``config.union_subset`` samples (a
+    seeded subset, whole eval batches), or all of it."""
+    if not c.union_subset:
+        return data.union_x, data.union_y
+    n = data.union_x.shape[0]
+    if c.union_subset >= n:
+        return data.union_x, data.union_y
+    k = (c.union_subset // c.eval_batch) * c.eval_batch or c.eval_batch
+    idx = np.sort(np.random.default_rng(c.seed).permutation(n)[:k])
+    return data.union_x[idx], data.union_y[idx]
+
+
+def eval_metrics(c, ctx, local, union):
+    """Per-budget summaries of the trained clients, and ``unseen/...`` of the held-out ones."""
+    from framp_jax import config as C
+    local, union = np.asarray(local), np.asarray(union)
+    held = set(np.concatenate(C.heldout_ids(c)).tolist()) if c.heldout_frac > 0 else set()
+    tr = np.array([i not in held for i in range(c.num_clients)])
+    levels = [float(b) for b in c.budget_levels]
+    out = summarize(ctx.budgets[tr], local[tr], union[tr], levels)
+    if held:
+        un = summarize(ctx.budgets[~tr], local[~tr], union[~tr], levels)
+        out.update({f"unseen/{k}": v for k, v in un.items()})
+    return out
+
+
+def budget_sweep(c, alg, prob, state):
+    """Every trained client's model at the algorithm's ``unseen_budgets`` (budgets never used in
+    training, SPEC §1.10), zero-shot: mean Local and Union accuracy over the trained clients per
+    budget."""
+    budgets = tuple(alg.unseen_budgets)
+    if alg.eval_groups_at_budget is None or not budgets:
+        return {}
+    import jax.numpy as jnp
+    from framp_jax import config as C
+    from framp_jax.distributed import to_host
+    held = np.concatenate(C.heldout_ids(c)) if c.heldout_frac > 0 else np.zeros((0,), int)
+    tr = np.setdiff1d(np.arange(c.num_clients), held)
+    out = {}
+    evaluate = make_evaluator(alg, prob.ctx, c.eval_batch, c.eval_model_chunk, at_budget=True)
+    for b in budgets:
+        la, ua = to_host(evaluate(state, prob.data, prob.data.union_x, prob.data.union_y,
+                                  jnp.float32(b)))
+        out[budget_label(b)] = {"local": float(np.nanmean(np.asarray(la)[tr])),
+                                "union": float(np.mean(np.asarray(ua)[tr]))}
     return out

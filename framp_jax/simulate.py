@@ -8,38 +8,20 @@ import os
 import platform
 import sys
 import time
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from framp_jax import config as C
-from framp_jax.algorithms.base import Context, FedData
-from framp_jax.client import LocalConfig
-from framp_jax.errors import CheckpointError, DataError, DivergenceError, WorkdirExistsError
-from framp_jax.eval import local_accuracy, summarize, union_accuracy
+from framp_jax.errors import CheckpointError, DivergenceError, WorkdirExistsError
+from framp_jax.eval import budget_sweep, eval_metrics, make_evaluator, union_subset
+from framp_jax.problem import build_algorithm, build_problem
 
 
 class NonFiniteError(DivergenceError):
     """Training produced NaN/Inf (every client of a round failed, or the server state did), or
     its loss exploded past ``config.max_loss_ratio``."""
-
-
-class Problem(NamedTuple):
-    """Everything built from a config before the first round."""
-    config: Any
-    data: FedData
-    model: Any
-    ctx: Context
-    info: dict
-    summary: str
-    # optional (local_accuracy, union_accuracy) replacements with eval.py's signatures (graphs)
-    eval_fns: Any = None
-
-
-def _levels_ok(c):
-    return [float(b) for b in c.budget_levels]
 
 
 def hashed_config(c) -> dict:
@@ -60,96 +42,6 @@ def config_hash(c) -> str:
     return hashlib.sha256(json.dumps(hashed_config(c), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_model(c, num_classes, input_shape):
-    from framp_jax.models.layers import with_compute_dtype
-    dtype = c.get("compute_dtype", "float32")
-    if c.model == "cnn":
-        from framp_jax.models.cnn import make_cnn
-        return with_compute_dtype(make_cnn(num_classes, input_shape, conv_impl=c.conv_impl), dtype)
-    if c.model == "resnet18":
-        from framp_jax.models.resnet import make_resnet18
-        return with_compute_dtype(make_resnet18(num_classes, input_shape, conv_impl=c.conv_impl),
-                                  dtype)
-    raise C.ConfigError("model", c.model, "cnn or resnet18 for image data")
-
-
-def make_mesh(c):
-    n_dev = len(jax.devices())
-    n = n_dev if c.mesh_clients == 0 else c.mesh_clients
-    if n == 1:
-        return None
-    if n > n_dev:
-        raise C.ConfigError("mesh_clients", c.mesh_clients, f"at most the {n_dev} available devices")
-    if c.clients_per_round % n:
-        raise C.ConfigError("clients_per_round", c.clients_per_round,
-                            f"a multiple of the {n} devices on the 'clients' mesh axis")
-    from jax.sharding import AxisType
-    return jax.make_mesh((n,), ("clients",), axis_types=(AxisType.Auto,),
-                         devices=jax.devices()[:n])
-
-
-def build_problem(c, verbose=True) -> Problem:
-    """Load data, partition, stack client arrays on the device and build the model/context."""
-    C.validate(c)
-    if str(c.dataset) in C.GRAPH_DATASETS:
-        from framp_jax.graph_engine import build_graph_problem
-        return build_graph_problem(c, verbose)
-    from framp_jax.data.clients import label_counts, stack_clients, summary
-    from framp_jax.data.partition import partition_vision
-    from framp_jax.data.vision import get_normalization, load_vision_dataset
-
-    ds = load_vision_dataset(c.dataset, c.data_dir or None)
-    try:  # data-dependent limits (e.g. more clients than test samples): one line, not a trace
-        part = partition_vision(ds.y_train, ds.y_test, c.num_clients, c.partition, c.alpha,
-                                c.seed, c.test_prior, c.classes_per_client, ds.num_classes)
-        tr = stack_clients(ds.x_train, ds.y_train, part.train)
-        te = stack_clients(ds.x_test, ds.y_test, part.test)
-    except ValueError as e:
-        raise DataError(f"{c.dataset} ({ds.info.get('file')}) cannot be split into "
-                        f"num_clients={c.num_clients} clients with partition={c.partition}: "
-                        f"{e}") from e
-    lc_train = label_counts(ds.y_train, part.train, ds.num_classes)
-    lc_test = label_counts(ds.y_test, part.test, ds.num_classes)
-    budgets = C.assign_budgets(c)
-    union_idx = np.sort(np.concatenate([np.asarray(i) for i in part.test]))
-    mean, std = get_normalization(str(c.dataset), ds.x_train.shape[-1])
-    data = FedData(
-        train_x=jnp.asarray(tr.x), train_y=jnp.asarray(tr.y, jnp.int32),
-        train_count=jnp.asarray(tr.count, jnp.int32),
-        test_x=jnp.asarray(te.x), test_y=jnp.asarray(te.y, jnp.int32),
-        test_count=jnp.asarray(te.count, jnp.int32),
-        budgets=jnp.asarray(budgets, jnp.float32),
-        label_counts=jnp.asarray(lc_train, jnp.float32),
-        union_x=jnp.asarray(ds.x_test[union_idx]), union_y=jnp.asarray(ds.y_test[union_idx], jnp.int32))
-    model = build_model(c, ds.num_classes, ds.x_train.shape[1:])
-    held = np.concatenate(C.heldout_ids(c)) if c.heldout_frac > 0 else np.zeros((0,), int)
-    train_ids = np.setdiff1d(np.arange(c.num_clients), held)
-    local = LocalConfig(steps=c.local_steps, batch_size=c.batch_size, lr=c.lr, momentum=c.momentum,
-                        weight_decay=c.weight_decay, grad_clip=c.grad_clip, augment=c.augment,
-                        mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
-                        min_count=int(np.min(tr.count)))
-    ctx = Context(c, model, c.num_clients, ds.num_classes, budgets, train_ids,
-                  c.clients_per_round, local, make_mesh(c))
-    info = dict(ds.info)
-    info.update(num_classes=ds.num_classes, union_size=int(len(union_idx)),
-                heldout_ids=held.tolist())
-    text = summary(lc_train, lc_test, budgets)
-    return Problem(c, data, model, ctx, info, text)
-
-
-def build_algorithm(ctx: Context):
-    m = ctx.config.method
-    if m == "fedavg":
-        from framp_jax.algorithms.fedavg import fedavg
-        return fedavg(ctx)
-    if m == "local":
-        from framp_jax.algorithms.fedavg import local_only
-        return local_only(ctx)
-    import importlib
-    mod = importlib.import_module(f"framp_jax.algorithms.{m}")
-    return getattr(mod, m)(ctx)
-
-
 class TraceCounter:
     """Counts how often a function is traced (= compiled, for a jitted function)."""
 
@@ -159,64 +51,6 @@ class TraceCounter:
     def __call__(self, *a, **k):
         self.count += 1
         return self.fn(*a, **k)
-
-
-def make_evaluator(alg, ctx: Context, eval_fns=None, at_budget=False):
-    """A jitted ``evaluate(state, data, union_x, union_y) -> (local_acc[N], union_acc[N])``;
-    with ``at_budget`` it takes a traced ``budget`` too and evaluates every client's model at that
-    budget (``alg.eval_groups_at_budget``), one compile for all budgets."""
-    c = ctx.config
-    local_accuracy_, union_accuracy_ = eval_fns or (local_accuracy, union_accuracy)
-    mean, std = ctx.local.mean, ctx.local.std
-    chunk = c.eval_model_chunk or None
-
-    def evaluate(state, data, ux, uy, budget=None):
-        local = jnp.zeros((ctx.num_clients,), jnp.float32)
-        union = jnp.zeros((ctx.num_clients,), jnp.float32)
-        groups = (alg.eval_groups_at_budget(state, data, budget) if at_budget
-                  else alg.eval_groups(state, data))
-        for g in groups:
-            ids = np.asarray(g.client_ids)
-            if len(ids) == 0:
-                continue
-            tx = jax.tree.map(lambda a: a[ids], data.test_x)
-            ty, tc = data.test_y[ids], data.test_count[ids]
-            la = local_accuracy_(g.apply, g.params, tx, ty, tc, mean, std, c.eval_batch,
-                                g.local_logits_fn, data.label_counts[ids], not g.per_client)
-            if g.per_client:
-                ua = union_accuracy_(g.apply, g.params, ux, uy, mean, std, c.eval_batch, chunk)
-            else:
-                single = jax.tree.map(lambda a: a[None], g.params)
-                ua = jnp.broadcast_to(union_accuracy_(g.apply, single, ux, uy, mean, std,
-                                                     c.eval_batch)[0], (len(ids),))
-            local = local.at[ids].set(la)
-            union = union.at[ids].set(ua)
-        return local, union
-
-    return jax.jit(evaluate)
-
-
-def union_subset(c, data: FedData):
-    if not c.union_subset:
-        return data.union_x, data.union_y
-    n = data.union_x.shape[0]
-    if c.union_subset >= n:
-        return data.union_x, data.union_y
-    k = (c.union_subset // c.eval_batch) * c.eval_batch or c.eval_batch
-    idx = np.sort(np.random.default_rng(c.seed).permutation(n)[:k])
-    return data.union_x[idx], data.union_y[idx]
-
-
-def eval_metrics(c, ctx, local, union):
-    local, union = np.asarray(local), np.asarray(union)
-    held = set(np.concatenate(C.heldout_ids(c)).tolist()) if c.heldout_frac > 0 else set()
-    tr = np.array([i not in held for i in range(c.num_clients)])
-    levels = _levels_ok(c)
-    out = summarize(ctx.budgets[tr], local[tr], union[tr], levels)
-    if held:
-        un = summarize(ctx.budgets[~tr], local[~tr], union[~tr], levels)
-        out.update({f"unseen/{k}": v for k, v in un.items()})
-    return out
 
 
 def _kept_checkpoint(ckpt) -> str:
@@ -350,7 +184,7 @@ def _run(c, workdir: str, resume: bool, progress: bool, log, warn, closers) -> d
     t_setup = time.time()
     prob = build_problem(c)
     log(prob.summary)
-    alg = build_algorithm(prob.ctx)
+    alg = build_algorithm(prob.ctx, c)
     resolved = json.loads(c.to_json_best_effort())
     resolved["_resolved"] = {"data": prob.info, "jax": jax.__version__, "backend": jax.default_backend(),
                              "devices": len(jax.devices()), "python": platform.python_version(),
@@ -365,7 +199,7 @@ def _run(c, workdir: str, resume: bool, progress: bool, log, warn, closers) -> d
     replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     round_fn = jax.jit(round_counter, donate_argnums=(0,),
                        **({} if replicated is None else {"out_shardings": replicated}))
-    evaluate = make_evaluator(alg, prob.ctx, prob.eval_fns)
+    evaluate = make_evaluator(alg, prob.ctx, c.eval_batch, c.eval_model_chunk)
     data = prob.data
 
     state = alg.init(jax.random.key(c.seed), data)
@@ -485,26 +319,6 @@ def _run(c, workdir: str, resume: bool, progress: bool, log, warn, closers) -> d
         plot_budget_accuracy(history, os.path.join(workdir, "accuracy.png"),
                              title=f"{c.method} on {c.dataset} (seed {c.seed})")
     return results
-
-
-def budget_sweep(c, alg, prob, state):
-    """Every trained client's model at budgets never used in training (SPEC §1.10), zero-shot:
-    mean Local and Union accuracy over the trained clients per budget."""
-    budgets = tuple(c.framp.unseen_budgets) if c.method == "framp" else ()
-    if alg.eval_groups_at_budget is None or not budgets:
-        return {}
-    from framp_jax.distributed import to_host
-    from framp_jax.eval import budget_label
-    held = np.concatenate(C.heldout_ids(c)) if c.heldout_frac > 0 else np.zeros((0,), int)
-    tr = np.setdiff1d(np.arange(c.num_clients), held)
-    out = {}
-    evaluate = make_evaluator(alg, prob.ctx, prob.eval_fns, at_budget=True)
-    for b in budgets:
-        la, ua = to_host(evaluate(state, prob.data, prob.data.union_x, prob.data.union_y,
-                                  jnp.float32(b)))
-        out[budget_label(b)] = {"local": float(np.nanmean(np.asarray(la)[tr])),
-                                "union": float(np.mean(np.asarray(ua)[tr]))}
-    return out
 
 
 def make_results(c, history, wall, compiles, prob, setup_s=0.0):

@@ -282,19 +282,3 @@ class SpecBuilder:
 
 
 BN_KEYS = ("scale", "offset")
-
-
-# temporary: consumers move to ModelFamily.width_spec
-_MOVED_SPECS = {"cnn_spec": "framp_jax.models.cnn",
-                "preact_cnn_spec": "framp_jax.models.preact",
-                "resnet18_spec": "framp_jax.models.resnet",
-                "preact_resnet18_spec": "framp_jax.models.preact",
-                "gcn_spec": "framp_jax.models.gcn"}
-
-
-def __getattr__(name):
-    # imported lazily: the model modules import this module
-    if name in _MOVED_SPECS:
-        import importlib
-        return getattr(importlib.import_module(_MOVED_SPECS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -154,7 +154,9 @@ def test_image_family_preact_is_todays_model(name, shape):
                                apply_kwargs=({}, {"train": True}), extra=("batch_stats",))[0]
     for m, r in zip(models, RATES):
         _assert_prefix_gather_is(full, fam.preact_spec, m, r)
-    assert fam.preact_spec == (W.preact_cnn_spec() if name == "cnn" else W.preact_resnet18_spec())
+    from framp_jax.models import preact
+    assert fam.preact_spec == (preact.preact_cnn_spec() if name == "cnn"
+                               else preact.preact_resnet18_spec())
 
 
 @pytest.mark.parametrize("name,shape", IMAGE_CASES, ids=IMAGE_IDS)
@@ -258,13 +260,11 @@ def test_unknown_names_and_options():
         model_family("cnn", K, (32, 32, 3), conv_impl="cudnn")
 
 
-def test_width_keeps_temporary_reexports_of_the_moved_specs():
+def test_width_specs_live_beside_their_models():
     from framp_jax.models import cnn, gcn, preact, resnet
-    assert W.cnn_spec is cnn.cnn_spec and W.resnet18_spec is resnet.resnet18_spec
-    assert W.preact_cnn_spec is preact.preact_cnn_spec
-    assert W.preact_resnet18_spec is preact.preact_resnet18_spec
-    assert W.gcn_spec is gcn.gcn_spec
-    from framp_jax.width import gcn_spec  # from-imports go through __getattr__ too
-    assert gcn_spec is gcn.gcn_spec
-    with pytest.raises(AttributeError):
-        W.no_such_spec  # noqa: B018
+    for name in ("cnn_spec", "resnet18_spec", "preact_cnn_spec", "preact_resnet18_spec", "gcn_spec"):
+        assert not hasattr(W, name)
+    assert model_family("cnn", K, (32, 32, 3)).width_spec == cnn.cnn_spec()
+    assert model_family("resnet18", K, (16, 16, 3)).width_spec == resnet.resnet18_spec()
+    assert model_family("gcn", K, (12,)).width_spec == gcn.gcn_spec()
+    assert preact.preact_cnn_spec() != preact.preact_resnet18_spec()

@@ -229,7 +229,8 @@ def test_fedrolex_width_weighting_by_hand():
     from framp_jax.models.cnn import make_cnn
     rng = np.random.default_rng(0)
     g = make_cnn(4, (8, 8, 3)).init(jax.random.key(0))  # 8x8 images: dense input = 64 channels
-    spec = W.cnn_spec()
+    from framp_jax.models.cnn import cnn_spec
+    spec = cnn_spec()
     sizes = W.unit_sizes(g, spec)
     rates = (1.0, 0.5, 0.25)
     lmasks = np.array([[1, 1, 1, 1], [1, 0, 1, 0], [0, 1, 1, 0]], np.float32)

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from framp_jax import width as W
-from framp_jax.models.cnn import make_cnn
-from framp_jax.models.gcn import make_gcn, make_gcn_width
-from framp_jax.models.preact import make_preact_cnn, make_preact_resnet18
-from framp_jax.models.resnet import make_resnet18
+from framp_jax.models.cnn import cnn_spec, make_cnn
+from framp_jax.models.gcn import gcn_spec, make_gcn, make_gcn_width
+from framp_jax.models.preact import (make_preact_cnn, make_preact_resnet18, preact_cnn_spec,
+                                     preact_resnet18_spec)
+from framp_jax.models.resnet import make_resnet18, resnet18_spec
 
 
 def _np(d):
@@ -67,12 +68,12 @@ def test_flatten_rows_by_hand():
 
 
 FAMILIES = [
-    ("cnn", lambda w: make_cnn(10, (16, 16, 3), width=w), W.cnn_spec()),
-    ("resnet18", lambda w: make_resnet18(10, (32, 32, 3), width=w), W.resnet18_spec()),
-    ("preact_cnn", lambda w: make_preact_cnn(10, (16, 16, 3), width=w), W.preact_cnn_spec()),
+    ("cnn", lambda w: make_cnn(10, (16, 16, 3), width=w), cnn_spec()),
+    ("resnet18", lambda w: make_resnet18(10, (32, 32, 3), width=w), resnet18_spec()),
+    ("preact_cnn", lambda w: make_preact_cnn(10, (16, 16, 3), width=w), preact_cnn_spec()),
     ("preact_resnet18", lambda w: make_preact_resnet18(10, (32, 32, 3), width=w),
-     W.preact_resnet18_spec()),
-    ("gcn", lambda w: make_gcn_width(12, 5, W.width_of(16, w)), W.gcn_spec()),
+     preact_resnet18_spec()),
+    ("gcn", lambda w: make_gcn_width(12, 5, W.width_of(16, w)), gcn_spec()),
 ]
 # gather/scatter are spec-agnostic; their algebra is checked on the small families (the ResNet
 # specs are checked structurally above, at every width)
@@ -136,7 +137,7 @@ def test_narrow_cnn_computes_the_channel_masked_full_cnn(rate, t):
     max-pool of zeros), so the narrow model must give the same logits; this checks every
     binding, the flatten rows included, for an unsorted window."""
     full_m = make_cnn(10, (16, 16, 3), width=1.0)
-    spec = W.cnn_spec()
+    spec = cnn_spec()
     p = full_m.init(jax.random.key(3))
     p = jax.tree.map(lambda a: a + 0.05, p)  # non-zero biases
     idx = W.rolling_indices(W.unit_sizes(p, spec), rate, t)
@@ -150,7 +151,7 @@ def test_narrow_cnn_computes_the_channel_masked_full_cnn(rate, t):
 
 def test_gcn_spec_matches_the_gcn():
     full = make_gcn(12, 5, hidden=16).init(jax.random.key(0))
-    assert W.unit_sizes(full, W.gcn_spec()) == {"conv1": 16, "conv2": 16}
+    assert W.unit_sizes(full, gcn_spec()) == {"conv1": 16, "conv2": 16}
 
 
 def test_bad_spec_is_reported():

@@ -5,7 +5,8 @@ fiarse_cifar10_resnet18.py's data, clients, rounds and client optimizer. FRAMP: 
 SPEC §1.4 (trunk 3x128, chunk embeddings 64, chunk 16 384, generator hidden 256: ~683 chunks
 for the 11.2 M parameters), label_hist+budget descriptor, global top-k, FedProto alignment with
 lambda 1 on the 512-d pooled features, HN Adam 1e-3. Paper scale: run on an accelerator."""
-from framp_jax.config import framp_defaults, sibling_config
+from framp_jax.algorithms.framp import framp_defaults
+from framp_jax.config import sibling_config
 
 
 def get_config():

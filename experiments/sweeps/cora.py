@@ -2,7 +2,7 @@
 
     framp-jax sweep --sweep experiments/sweeps/cora.py --workdir runs/cora
 """
-from framp_jax.config import METHODS
+from framp_jax.algorithms.registry import METHODS
 from framp_jax.sweep import grid
 
 
