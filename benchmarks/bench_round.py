@@ -209,7 +209,7 @@ def _proto_round(ctx, data):
     import jax.numpy as jnp
     import numpy as np
     from framp_jax.aggregate import masked_mean
-    from framp_jax.algorithms.base import round_metrics
+    from framp_jax.algorithms.rounds import round_metrics
     from framp_jax.algorithms.fedavg import ce_loss
     from framp_jax.client import is_finite_tree
 

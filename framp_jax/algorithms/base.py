@@ -15,9 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-# the round's building blocks live in rounds.py; round_metrics is also read from here
-from framp_jax.algorithms.rounds import round_metrics  # noqa: F401
-
 
 class FedData(NamedTuple):
     """Device-resident federated data; every array has a leading client axis except union_*."""
