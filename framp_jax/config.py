@@ -67,6 +67,9 @@ def base_config() -> mlc.ConfigDict:
     c.eval_batch = 20
     c.union_subset = 0             # >0: intermediate evals use this many union test samples
     c.eval_model_chunk = 0         # >0: evaluate this many models at a time (memory)
+    c.diagnostics = False          # True: every evaluation also records diag/ metrics (Union
+    #                                accuracy on classes each client trained on / never saw,
+    #                                cosine similarity of the clients' models; diagnostics.py)
     c.checkpoint_every = 50
     c.keep_checkpoints = 2
     c.client_map = "auto"          # auto | vmap | map (lax.map: faster on CPU; see Context)
@@ -120,6 +123,8 @@ def validate(c: mlc.ConfigDict) -> None:
            "an integer in [0, 2**32) (jax.random.key would wrap larger seeds onto small ones)")
     check(isinstance(c.eval_model_chunk, int) and c.eval_model_chunk >= 0, "eval_model_chunk",
            c.eval_model_chunk, "an integer >= 0 (0 = evaluate every model at once)")
+    diag = c.get("diagnostics", False)
+    check(isinstance(diag, bool), "diagnostics", diag, "True or False")
     check(c.max_loss_ratio >= 0, "max_loss_ratio", c.max_loss_ratio,
            ">= 0 (0 disables the loss-explosion stop)")
     check(c.lr > 0, "lr", c.lr, "a learning rate > 0")

@@ -200,6 +200,10 @@ def _run(c, workdir: str, resume: bool, progress: bool, log, warn, closers) -> d
     round_fn = jax.jit(round_counter, donate_argnums=(0,),
                        **({} if replicated is None else {"out_shardings": replicated}))
     evaluate = make_evaluator(alg, prob.ctx, c.eval_batch, c.eval_model_chunk)
+    diagnose = None
+    if c.get("diagnostics", False):  # diag/ metrics at every evaluation (framp_jax/diagnostics.py)
+        from framp_jax.diagnostics import make_diagnostics
+        diagnose = make_diagnostics(alg, prob.ctx, c.eval_batch, c.eval_model_chunk)
     data = prob.data
 
     state = alg.init(jax.random.key(c.seed), data)
@@ -238,6 +242,8 @@ def _run(c, workdir: str, resume: bool, progress: bool, log, warn, closers) -> d
                                       np.asarray(v)] for k, v in (("local", la), ("union", ua))})
         m = eval_metrics(c, prob.ctx, la, ua)
         m["union_samples"] = int(jnp.sum(uy >= 0))
+        if diagnose is not None:
+            m.update(diagnose(state, data, ux, uy))  # host values (dist.to_host inside)
         return m
 
     bar = None

@@ -132,6 +132,23 @@ def graph_union_accuracy(apply_fn, params_stack, union_x, union_y, model_chunk=N
     return correct / total
 
 
+def graph_union_class_correct(apply_fn, params_stack, union_x, union_y, num_classes: int,
+                              model_chunk=None):
+    """Correct test nodes (``union_y >= 0``) of each model of the stack, pooled over every
+    client's subgraph as in :func:`graph_union_accuracy`, per true class: int32
+    ``[M, num_classes]``."""
+    def one(p, g, y):
+        logits, _ = apply_fn(p, g, train=False)
+        hit = (jnp.argmax(logits, -1) == y) & (y >= 0)
+        return jnp.sum(jax.nn.one_hot(y, num_classes, dtype=jnp.int32)
+                       * hit[:, None].astype(jnp.int32), 0)
+
+    def per_model(p):
+        return jnp.sum(jax.vmap(lambda g, y: one(p, g, y))(union_x, union_y), 0)
+
+    return jax.lax.map(per_model, params_stack, batch_size=model_chunk)
+
+
 class GraphModality(NamedTuple):
     """Subgraph clients (see the module docstring). ``in_dim`` = node feature size."""
     in_dim: int
@@ -173,3 +190,7 @@ class GraphModality(NamedTuple):
 
     def union_accuracy(self, apply_fn, params_stack, x, y, batch, model_chunk=None):
         return graph_union_accuracy(apply_fn, params_stack, x, y, model_chunk)
+
+    def union_class_correct(self, apply_fn, params_stack, x, y, batch, num_classes,
+                            model_chunk=None):
+        return graph_union_class_correct(apply_fn, params_stack, x, y, num_classes, model_chunk)

@@ -154,6 +154,25 @@ def union_accuracy(apply_fn, params_stack, x, y, mean, std, batch=20, model_chun
     return correct / x.shape[0]
 
 
+def union_class_correct(apply_fn, params_stack, x, y, mean, std, num_classes: int, batch=20,
+                        model_chunk=None):
+    """Correct predictions of each model of the stack on the union test set, per true class:
+    int32 ``[M, num_classes]`` (the same eval batches as :func:`union_accuracy`; row sums / the
+    number of samples = its accuracies)."""
+    xb, yb, vb = batch_for_eval(x, y, x.shape[0], batch)
+
+    def per_model(p):
+        def body(acc, b):
+            xs, ys, v = b
+            logits, _ = apply_fn(p, normalize(xs, mean, std), train=False)
+            hit = (jnp.argmax(logits, -1) == ys) & v & (ys >= 0)
+            return acc + jnp.sum(jax.nn.one_hot(ys, num_classes, dtype=jnp.int32)
+                                 * hit[:, None].astype(jnp.int32), 0), None
+        out, _ = jax.lax.scan(body, jnp.zeros((num_classes,), jnp.int32), (xb, yb, vb))
+        return out
+    return jax.lax.map(per_model, params_stack, batch_size=model_chunk)
+
+
 # ---------------------------------------------------------------------------------------------
 # the modality
 
@@ -240,3 +259,8 @@ class ImageModality(NamedTuple):
     def union_accuracy(self, apply_fn, params_stack, x, y, batch, model_chunk=None):
         return union_accuracy(apply_fn, params_stack, x, y, self.mean, self.std, batch,
                               model_chunk)
+
+    def union_class_correct(self, apply_fn, params_stack, x, y, batch, num_classes,
+                            model_chunk=None):
+        return union_class_correct(apply_fn, params_stack, x, y, self.mean, self.std,
+                                   num_classes, batch, model_chunk)

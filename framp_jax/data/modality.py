@@ -53,3 +53,9 @@ class Modality(Protocol):
 
     def union_accuracy(self, apply_fn, params_stack, x, y, batch: int, model_chunk=None):
         """Accuracy of every model of the stack on the union test data ``[M]``."""
+
+    def union_class_correct(self, apply_fn, params_stack, x, y, batch: int, num_classes: int,
+                            model_chunk=None):
+        """Correct predictions of every model of the stack on the union test data per true
+        class, int32 ``[M, num_classes]`` (labels < 0 are not union samples); its row sums over
+        the union samples are ``union_accuracy``."""
