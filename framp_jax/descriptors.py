@@ -19,9 +19,13 @@ def budget_code(budget):
     return jnp.log2(1.0 / jnp.asarray(budget, jnp.float32)) / 6.0
 
 
-def label_hist_budget(label_counts, budgets):
+def label_hist_budget(label_counts, budgets, smoothing: float = 0.0):
+    """[(n_ik + a) / (n_i + K a) ; beta(s_i)] (``a`` = ``smoothing``, 0 = the plain histogram)."""
     lc = jnp.asarray(label_counts, jnp.float32)
-    hist = lc / jnp.maximum(lc.sum(-1, keepdims=True), 1.0)
+    if smoothing:
+        lc = lc + smoothing
+    tot = lc.sum(-1, keepdims=True)
+    hist = lc / jnp.where(tot > 0, tot, 1.0)
     return jnp.concatenate([hist, budget_code(budgets)[:, None]], -1)
 
 
@@ -59,9 +63,10 @@ def func_emb_budget(model, ctx, data, steps: int):
     return jnp.concatenate([emb, budget_code(data.budgets)[:, None]], -1)
 
 
-def compute_descriptors(kind, model, ctx, data, func_emb_steps: int = 50):
+def compute_descriptors(kind, model, ctx, data, func_emb_steps: int = 50,
+                        hist_smoothing: float = 0.0):
     if kind == "label_hist+budget":
-        return label_hist_budget(data.label_counts, data.budgets)
+        return label_hist_budget(data.label_counts, data.budgets, hist_smoothing)
     if kind == "onehot_budget":
         return onehot_budget(np.asarray(ctx.budgets), list(ctx.budget_levels))
     if kind == "budget_only":

@@ -33,9 +33,31 @@ def hashed_config(c) -> dict:
               "data_dir", "union_subset", "eval_model_chunk", "mesh_clients", "conv_impl",
               "max_loss_ratio"):
         d.pop(k, None)  # fields that may change between a run and its resumption
-    if d.get("compute_dtype") == "float32":
-        d.pop("compute_dtype")  # the default: runs from before the field keep their hash
+    for path, default in HASH_STABLE_DEFAULTS.items():  # fields added after runs were made:
+        *parents, leaf = path.split(".")                  # at their default they are left out,
+        node = d                                          # so earlier runs keep their hash
+        for k in parents:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and _same(node[leaf], default):
+            node.pop(leaf)
     return d
+
+
+# Config fields added after results and checkpoints existed, with the default that leaves a
+# run's computation unchanged: hashed_config drops them at that value.
+HASH_STABLE_DEFAULTS = {
+    "compute_dtype": "float32",
+    "diagnostics": False,
+    "framp.hn_steps": 1,
+    "framp.base": "none",
+    "framp.base_lr": 1.0,
+    "framp.residual_scale": 0.1,
+    "framp.hist_smoothing": 0.0,
+}
+
+
+def _same(value, default) -> bool:
+    return type(value) is type(default) and value == default
 
 
 def config_hash(c) -> str:

@@ -51,6 +51,10 @@ class Algorithm(NamedTuple):
     # budgets never used in training at which every trained client's model is evaluated
     # zero-shot at the end of a run (needs eval_groups_at_budget)
     unseen_budgets: tuple = ()
+    # optional diagnostic_params(state, data) -> every client's raw model stacked [N, ...]
+    # (FRAMP: the generated models before the budget mask), compared across clients by
+    # config.diagnostics (framp_jax/diagnostics.py)
+    diagnostic_params: Callable | None = None
 
 
 class Context(NamedTuple):

@@ -30,8 +30,8 @@ from framp_jax import masks as M
 from framp_jax.algorithms.base import Algorithm, Context, EvalGroup
 from framp_jax.algorithms.registry import Method
 from framp_jax.algorithms.rounds import (draw_cohort, fiarse_paper_factor, finite_clients,
-                                         keep_where, model_init_key, put_clients, round_metrics,
-                                         state_item, take_clients, train_cohort)
+                                         holders_mean, keep_where, model_init_key, put_clients,
+                                         round_metrics, state_item, take_clients, train_cohort)
 from framp_jax.config import check
 from framp_jax.client import class_prototypes, local_train
 from framp_jax.descriptors import compute_descriptors, with_budget
@@ -75,6 +75,14 @@ def framp_defaults() -> mlc.ConfigDict:
     f.embed_dim = -1                    # pfedhn embedding size; -1 = int(1 + num_clients / 4)
     f.hn_layers = 3                     # pfedhn trunk: hidden Linear(H, H) layers (n_hidden)
     f.reduction = "mean"                # | sum over clients of the HN VJP
+    f.hn_steps = 1                      # HN optimizer steps per round (>1: steps on the
+    #                                     clients' masked squared distance, see round_fn)
+    f.hist_smoothing = 0.0              # label_hist descriptor: (n_ik + a) / (n_i + K a)
+    # ours, not in SPEC: theta_i = base + residual_scale * (HN(desc_i) - HN offset), with a
+    # server-held shared base moved by base_lr x the holders-mean of the clients' updates
+    f.base = "none"                     # | fedavg
+    f.base_lr = 1.0
+    f.residual_scale = 0.1
     f.eval_mode = "generated"           # | finetuned
     f.finetune_steps = 20               # local steps before evaluation in finetuned mode
     f.unseen_budgets = ()               # budgets evaluated zero-shot at the end, e.g. (1/256, 1/2)
@@ -90,7 +98,7 @@ def validate_options(c, f) -> None:
             "align": ("fedproto", "batch_proto"), "proto_weighting": ("count", "uniform"),
             "proto_rotation": ("none", "shared", "per_client"), "reduction": ("mean", "sum"),
             "eval_mode": ("generated", "finetuned"),
-            "hn_optimizer": ("adam", "sgd", "sgd_momentum"),
+            "hn_optimizer": ("adam", "sgd", "sgd_momentum"), "base": ("none", "fedavg"),
             "proto_timing": ("post_eval", "last_epoch_train")}
     for k, allowed in opts.items():
         check(f[k] in allowed, f"framp.{k}", f[k], f"one of {allowed}")
@@ -117,6 +125,17 @@ def validate_options(c, f) -> None:
     check(isinstance(f.chunk_size, int) and f.chunk_size >= 0, "framp.chunk_size", f.chunk_size,
            "an integer >= 1, or 0 for a single chunk of every generated entry")
     check(f.lam >= 0, "framp.lam", f.lam, ">= 0")
+    check(isinstance(f.hn_steps, int) and f.hn_steps >= 1, "framp.hn_steps", f.hn_steps,
+          "an integer >= 1")
+    check(f.hn_steps == 1 or f.extraction == "topk", "framp.hn_steps", f.hn_steps,
+          "1 with extraction='width'")
+    check(f.hist_smoothing >= 0, "framp.hist_smoothing", f.hist_smoothing, ">= 0")
+    check(f.hist_smoothing == 0 or f.descriptor == "label_hist+budget", "framp.hist_smoothing",
+          f.hist_smoothing, "0 unless descriptor='label_hist+budget'")
+    check(f.base == "none" or (f.extraction == "topk" and f.generate == "all"), "framp.base",
+          f.base, "'none' unless extraction='topk' and generate='all'")
+    check(f.base_lr > 0, "framp.base_lr", f.base_lr, "> 0")
+    check(f.residual_scale > 0, "framp.residual_scale", f.residual_scale, "> 0")
     check(f.hn_lr > 0, "framp.hn_lr", f.hn_lr, "> 0")
     check(f.proto_noise_std >= 0, "framp.proto_noise_std", f.proto_noise_std, ">= 0")
     check(f.mask_grad == "masked" or f.scope == "global", "framp.mask_grad", f.mask_grad,
@@ -147,10 +166,11 @@ def _bcast(v, x):
 
 def fiarse_grad_factor(params, prunable, tau):
     """SPEC §1.5 option: kept entries' gradient scaled by 1 + 2·tau·|w| / (|w| + tau)^2
-    (``rounds.fiarse_paper_factor``, unguarded: NaN where |w| = tau = 0, e.g. a zero bias of a
-    budget-1 client whose tau is 0, so that client's update is dropped as non-finite)."""
+    (``rounds.fiarse_paper_factor``, guarded as FIARSE's: factor 1 where |w| = tau = 0, e.g. a
+    zero bias of a budget-1 client whose tau is 0; before, that 0/0 was NaN and the client's
+    update was dropped as non-finite)."""
     def f(p, g, pr):
-        return g * fiarse_paper_factor(jnp.abs(p), tau, guard_zero=False) if pr else g
+        return g * fiarse_paper_factor(jnp.abs(p), tau) if pr else g
     return lambda p, g: jax.tree.map(f, p, g, prunable)
 
 
@@ -192,6 +212,7 @@ class FrampState(NamedTuple):
     protos: Any               # float32 [K, F] the global prototype bank
     proto_valid: Any          # bool [K] classes the bank holds
     heads: Any = None         # generate="backbone": every client's classifier, stacked [N, ...]
+    base: Any = None          # framp.base="fedavg" (ours): the shared base model
     __getitem__ = state_item  # state["phi"] reads a field (as the former dict state)
 
 
@@ -251,27 +272,38 @@ def build(ctx: Context, fc) -> FrampInternals:
         print("framp width extraction: kept fraction of prunable parameters per budget "
               + ", ".join(f"{b:g}: {f:.4f}" for b, f in wx.fractions.items()))
 
-    def generate(phi, desc, heads=None, ids=None):
+    with_base = fc.base != "none"
+    # the HN's output at u = 0 (hypernet.entry_scales: 1 for norm scales, else 0)
+    hn_offset = jax.tree_util.tree_map_with_path(
+        lambda path, a: 1.0 if getattr(path[-1], "key", None) == "scale" else 0.0, template)
+
+    def generate(phi, desc, heads=None, ids=None, base=None):
         """Full models of the clients ``ids`` from their descriptors ``desc`` (the ids matter
-        to HNs with per-client embeddings; None = none needed)."""
+        to HNs with per-client embeddings; None = none needed). With ``framp.base`` (ours) the
+        HN output is a residual around the shared ``base``: base + residual_scale * (HN - offset)."""
         if ids is None:
             theta = jax.vmap(hn.apply, in_axes=(None, 0))(phi, desc)
         else:
             theta = jax.vmap(hn.apply, in_axes=(None, 0, 0))(phi, desc, jnp.asarray(ids, jnp.int32))
+        if base is not None:
+            theta = jax.tree.map(lambda th, b, a: b + fc.residual_scale * (th - a),
+                                 theta, base, hn_offset)
         if backbone:
             theta = dict(theta, classifier=heads)
         return theta
 
     def init(key, data):
-        desc = compute_descriptors(fc.descriptor, model, ctx, data, fc.func_emb_steps)
+        desc = compute_descriptors(fc.descriptor, model, ctx, data, fc.func_emb_steps,
+                                   hist_smoothing=fc.hist_smoothing)
         mkey = model_init_key(ctx, key)
         phi = hn.init(jax.random.fold_in(mkey, 1), desc[jnp.asarray(ctx.train_ids)])
         heads = None
         if backbone:
             head0 = model.init(mkey)["classifier"]
             heads = jax.tree.map(lambda a: jnp.broadcast_to(a, (ctx.num_clients,) + a.shape), head0)
+        base = model.init(mkey) if with_base else None
         return FrampState(phi, hn_opt.init(phi), desc, jnp.zeros((K, F), jnp.float32),
-                          jnp.zeros((K,), bool), heads)
+                          jnp.zeros((K,), bool), heads, base)
 
     def make_loss(protos, valid, with_features=False):
         def loss(p, x, y, rng):
@@ -337,14 +369,37 @@ def build(ctx: Context, fc) -> FrampInternals:
         budgets and trained. Returns (cohort, vjp_fn, delta, classifiers, prototypes, counts,
         losses, kept entries, None)."""
         co = draw_cohort(ctx, data, t)
-        theta_gen, vjp_fn = jax.vjp(
-            lambda ph: generate(ph, state.desc[co.ids], heads_of(state, co.ids), co.ids), phi)
+        gen = lambda ph: generate(ph, state.desc[co.ids], heads_of(state, co.ids), co.ids,
+                                  state.base)
+        theta_gen, vjp_fn = jax.vjp(gen, phi)
         theta_gen = ctx.shard_clients(theta_gen)
         run = lambda x, y, n, k, th, b, pr, va: client_topk(th, b, x, y, n, k, pr, va)
         delta, theta, pro, cnt, losses, kept = train_cohort(
             ctx, run, co, theta_gen, data.budgets[co.ids], protos, valid,
             extra_axes=(0, 0, None, None))
-        return co, vjp_fn, delta, theta["classifier"], pro, cnt, losses, kept, None
+        return (co, vjp_fn, delta, theta["classifier"], pro, cnt, losses, kept, None,
+                (gen, theta_gen))
+
+    def cohort_masks(theta_gen, budgets):
+        return jax.vmap(lambda th, b: M.topk_mask(th, prunable, b, groups))(theta_gen, budgets)
+
+    def hn_multistep(phi, opt, gen, theta_gen, masks, delta, w):
+        """``framp.hn_steps`` optimizer steps on L(phi') = sum_i w_i/2 ||m_i * (gen_i(phi') -
+        theta_i)||^2, theta_i the client's trained model (= m_i * theta_gen_i - delta_i): its
+        gradient at phi is the one-step VJP sum_i w_i J_i^T delta_i, and further steps move the
+        generated kept entries on towards the trained values."""
+        def loss(ph):
+            r = jax.tree.map(lambda a, a0, m, d: m * (a - a0) + d, gen(ph), theta_gen, masks, delta)
+            return 0.5 * sum(jnp.sum(w * jnp.sum(jnp.square(x).reshape(x.shape[0], -1), -1))
+                             for x in jax.tree.leaves(r))
+
+        def step(carry, _):
+            ph, op = carry
+            g = jax.grad(loss)(ph)
+            upd, op = hn_opt.update(g, op, ph)
+            return (optax.apply_updates(ph, upd), op), optax.tree.norm(g)
+        (phi, opt), norms = jax.lax.scan(step, (phi, opt), None, length=fc.hn_steps)
+        return phi, opt, norms[0]
 
     def round_fn(state, data, t):
         phi = state.phi
@@ -354,29 +409,48 @@ def build(ctx: Context, fc) -> FrampInternals:
                 state, data, t, phi, generate, lambda i: heads_of(state, i),
                 train_with_prototypes, protos, valid)
         else:
-            co, vjp_fn, delta, cls, pro, cnt, losses, kept, dmask = train_topk(
+            co, vjp_fn, delta, cls, pro, cnt, losses, kept, dmask, (gen, theta_gen) = train_topk(
                 state, data, t, phi, protos, valid)
         pro = upload_protos(pro, co.keys)
         usable = finite_clients((delta, pro), losses)
         finite = usable & co.valid
         n_ok = jnp.sum(finite.astype(jnp.float32))
         w = finite.astype(jnp.float32) / (jnp.maximum(n_ok, 1.0) if fc.reduction == "mean" else 1.0)
-        cot = jax.tree.map(lambda d: d * _bcast(w, d), keep_where(finite, delta, 0.0))
+        delta_ok = keep_where(finite, delta, 0.0)
+        cot = jax.tree.map(lambda d: d * _bcast(w, d), delta_ok)
         if backbone:
             cot = dict(cot, classifier=jax.tree.map(jnp.zeros_like, cot["classifier"]))
-        (g,) = vjp_fn(cot)
-        upd, opt = hn_opt.update(g, state.opt, phi)
+        masks = None
+        if fc.hn_steps > 1 or with_base:
+            masks = cohort_masks(theta_gen, data.budgets[co.ids])
+        if fc.hn_steps > 1:
+            if backbone:  # the local classifiers are not generated
+                masks = dict(masks, classifier=jax.tree.map(jnp.zeros_like, masks["classifier"]))
+                delta_ok = dict(delta_ok, classifier=jax.tree.map(jnp.zeros_like,
+                                                                  delta_ok["classifier"]))
+            new_phi, opt, g_norm = hn_multistep(phi, state.opt, gen, theta_gen, masks, delta_ok, w)
+        else:
+            (g,) = vjp_fn(cot)
+            upd, opt = hn_opt.update(g, state.opt, phi)
+            new_phi, g_norm = optax.apply_updates(phi, upd), optax.tree.norm(g)
+        base = state.base
+        if with_base:  # ours: the holders-mean of the clients' updates (-delta) moves the base
+            hold = jax.tree.map(lambda m: m * _bcast(finite.astype(m.dtype), m), masks)
+            num = jax.tree.map(lambda d, h: jnp.sum(d * h, 0), delta_ok, hold)
+            den = jax.tree.map(lambda h: jnp.sum(h, 0), hold)
+            step = jax.tree.map(lambda n, d: holders_mean(0.0, n, d), num, den)
+            base = jax.tree.map(lambda b, s: b - fc.base_lr * s, base, step)
         bank, bank_valid = aggregate_prototypes(pro, cnt, finite, state.protos, state.proto_valid,
                                                 fc.proto_weighting, fc.proto_bank, dmask)
         heads = state.heads
         if backbone:
             heads = put_clients(heads, co.ids, keep_where(finite, cls, heads_of(state, co.ids)))
-        new = FrampState(optax.apply_updates(phi, upd), opt, state.desc, bank, bank_valid, heads)
+        new = FrampState(new_phi, opt, state.desc, bank, bank_valid, heads, base)
         okf = finite.astype(jnp.float32)
         per_client_payload = kept + n_unmasked + K * F
         metrics = {
             **round_metrics(losses, usable, co.valid),
-            "hn_grad_norm": optax.tree.norm(g),
+            "hn_grad_norm": g_norm,
             "protos_known": jnp.sum(bank_valid.astype(jnp.int32)),
             # SPEC §1.9, float32 values; uplink adds class counts; mask bits if sent explicitly
             "comm/down_bytes": 4.0 * jnp.sum(per_client_payload * co.valid),
@@ -387,7 +461,7 @@ def build(ctx: Context, fc) -> FrampInternals:
         return new, metrics
 
     def models_at(state, desc, budgets, ids):
-        theta = generate(state.phi, desc, heads_of(state, ids), ids)
+        theta = generate(state.phi, desc, heads_of(state, ids), ids, state.base)
         masks = jax.vmap(lambda th, b: M.topk_mask(th, prunable, b, groups))(theta, budgets)
         return M.apply_mask(theta, masks)
 
@@ -421,9 +495,15 @@ def build(ctx: Context, fc) -> FrampInternals:
         desc = with_budget(state.desc, fc.descriptor, budget, list(ctx.budget_levels))
         return groups_for(state, data, desc, jnp.full((ctx.num_clients,), budget, jnp.float32))
 
+    def diagnostic_params(state, data):
+        """Every client's generated model before the budget mask (config.diagnostics)."""
+        ids = jnp.arange(ctx.num_clients)
+        return generate(state.phi, state.desc, heads_of(state, ids), ids, state.base)
+
     alg = Algorithm("framp", init, round_fn, eval_groups,
                     None if width else eval_groups_at_budget,
-                    unseen_budgets=tuple(float(b) for b in fc.unseen_budgets))
+                    unseen_budgets=tuple(float(b) for b in fc.unseen_budgets),
+                    diagnostic_params=diagnostic_params)
     return FrampInternals(hn, hn_opt, template, prunable, generate, make_loss,
                           train_with_prototypes, client_topk, models_at, alg)
 

@@ -1,0 +1,33 @@
+"""FRAMP design study (issue 14), first question: does FRAMP's Union accuracy recover when the
+generated models share a base that the server moves by the clients' updates directly?
+
+``framp.base="fedavg"`` is ours, not SPEC's: theta_i = base + residual_scale * (HN(d_i) -
+offset), the base moved each round by base_lr x the mean over the clients that kept each entry
+of their updates (trained - sent); the HN still gets the VJP of the clients' deltas. It stays
+within the paper's description (a server-side generator of client models from descriptors,
+global top-k extraction, prototype alignment). Beside it, SPEC's default FRAMP with the same
+diagnostics (Union split into classes present/absent in the client's data, cosine similarity of
+the clients' generated models). Everything else is ``framp_cifar10_cpu.py``.
+
+Selection criterion, declared before any of these runs: score = (Local mean + Union mean) / 2
+of results.json "final", averaged over seeds 0, 1, 2; a variant replaces the preset default
+only if its score beats the default's.
+
+    framp-jax sweep --sweep experiments/sweeps/framp_base_cifar10.py --workdir runs/framp_base_cifar10
+"""
+from framp_jax.sweep import grid
+
+PRESET = "../configs/framp_cifar10_cpu.py"
+
+
+def variants():
+    return {
+        "framp_base": (PRESET, {"framp.base": "fedavg"}),
+        "framp_diag": (PRESET, {}),
+        "framp_base_rs0.3": (PRESET, {"framp.base": "fedavg", "framp.residual_scale": 0.3}),
+        "framp_base_rs0.03": (PRESET, {"framp.base": "fedavg", "framp.residual_scale": 0.03}),
+    }
+
+
+def get_sweep():
+    return grid(variants(), seeds=(0, 1, 2), common={"diagnostics": True})

@@ -1,0 +1,188 @@
+"""FRAMP's design-study options (issue 14): several HN steps per round, a shared base updated by
+the clients' updates (ours), a smoothed label histogram, the guarded FIARSE gradient factor, and
+config hashes of earlier runs unchanged by the new fields."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from framp_jax import masks as M
+from framp_jax import simulate
+from framp_jax.algorithms.framp import build
+from framp_jax.algorithms.registry import resolve
+from framp_jax.config import ConfigError, base_config, validate
+from framp_jax.descriptors import label_hist_budget
+from framp_jax.problem import build_algorithm, build_problem
+
+from test_framp import tiny_config, tiny_npz  # noqa: F401 (fixture)
+
+
+def _setup(c):
+    prob = build_problem(c, verbose=False)
+    alg = build_algorithm(prob.ctx, c)
+    parts = build(prob.ctx, resolve(c)[1])
+    return prob, alg, parts, alg.init(jax.random.key(c.seed), prob.data)
+
+
+def _cohort(prob, parts, st, t=0):
+    """Round t's clients trained by hand: ids, generated models, masks, trained models."""
+    ids = prob.ctx.sample_clients(t)
+    base = st.base
+    th = parts.generate(st.phi, st.desc[ids], None, ids, base)
+    x, y, n = prob.ctx.gather(prob.data, ids)
+    out = jax.vmap(parts.client_topk, in_axes=(0, 0, 0, 0, 0, 0, None, None))(
+        th, prob.data.budgets[ids], x, y, n, prob.ctx.client_keys(t, ids), st.protos,
+        st.proto_valid)
+    masks = [M.topk_mask(jax.tree.map(lambda a: a[i], th), parts.prunable,
+                         prob.data.budgets[ids][i]) for i in range(len(ids))]
+    return ids, th, masks, out[1]
+
+
+def test_two_hn_steps_match_hand_computation(tiny_npz):
+    """hn_steps=2, SGD(lr) without clipping: phi1 = phi0 - lr grad L(phi0), phi2 = phi1 - lr
+    grad L(phi1), L(phi) = 1/M sum_i 1/2 ||m_i * (gen_i(phi) - theta_i)||^2 with theta_i the
+    client's trained model; written here client by client."""
+    lr = 0.05
+    c = tiny_config(tiny_npz, framp__hn_optimizer="sgd", framp__hn_lr=lr, framp__hn_clip=1e9,
+                    framp__hn_steps=2)
+    prob, alg, parts, st = _setup(c)
+    ids, _, masks, trained = _cohort(prob, parts, st)
+    m_cl = len(ids)
+
+    def loss(ph):
+        tot = 0.0
+        for i in range(m_cl):
+            g = parts.generate(ph, st.desc[ids[i:i + 1]], None, ids[i:i + 1])
+            for a, m, tr in zip(jax.tree.leaves(g), jax.tree.leaves(masks[i]),
+                                jax.tree.leaves(trained)):
+                tot = tot + 0.5 * jnp.sum(jnp.square(m * (a[0] - tr[i])))
+        return tot / m_cl
+
+    phi = jax.tree.map(jnp.copy, st.phi)
+    for _ in range(2):
+        g = jax.grad(loss)(phi)
+        phi = jax.tree.map(lambda p, gg: p - lr * gg, phi, g)
+    new, m = jax.jit(alg.round)(st, prob.data, jnp.int32(0))
+    moved = 0.0
+    for a, b, p0 in zip(jax.tree.leaves(phi), jax.tree.leaves(new.phi), jax.tree.leaves(st.phi)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+        moved = max(moved, float(jnp.abs(a - p0).max()))
+    assert moved > 1e-4  # the steps did move phi
+
+
+def test_shared_base_generation_and_update_by_hand(tiny_npz):
+    """framp.base='fedavg' (ours): theta_i = base + s (HN(d_i) - offset); after the round the
+    base moves by base_lr x the mean, over the clients that kept each entry, of their updates
+    (trained - sent)."""
+    s, blr = 0.1, 0.5
+    c = tiny_config(tiny_npz, framp__base="fedavg", framp__base_lr=blr, framp__residual_scale=s)
+    prob, alg, parts, st = _setup(c)
+    ids, th, masks, trained = _cohort(prob, parts, st)
+    raw = parts.generate(st.phi, st.desc[ids], None, ids)  # the HN alone
+    for (path, a), r, b in zip(jax.tree_util.tree_leaves_with_path(th), jax.tree.leaves(raw),
+                               jax.tree.leaves(st.base)):
+        off = 1.0 if path[-1].key == "scale" else 0.0
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b + s * (r - off)), rtol=1e-6,
+                                   atol=1e-7)
+    new, _ = jax.jit(alg.round)(st, prob.data, jnp.int32(0))
+    sent = [np.asarray(a) for a in jax.tree.leaves(th)]
+    for k, (b0, b1) in enumerate(zip(jax.tree.leaves(st.base), jax.tree.leaves(new.base))):
+        num = np.zeros(b0.shape)
+        den = np.zeros(b0.shape)
+        for i in range(len(ids)):
+            m = np.asarray(jax.tree.leaves(masks[i])[k])
+            upd = np.asarray(jax.tree.leaves(trained)[k][i]) - m * sent[k][i]
+            num += m * upd
+            den += m
+        want = np.asarray(b0) + blr * np.where(den > 0, num / np.maximum(den, 1), 0.0)
+        np.testing.assert_allclose(np.asarray(b1), want, rtol=1e-5, atol=1e-6)
+    assert any(float(jnp.abs(a - b).max()) > 1e-4
+               for a, b in zip(jax.tree.leaves(st.base), jax.tree.leaves(new.base)))
+
+
+def test_hist_smoothing_by_hand():
+    lc = np.array([[3.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    d = np.asarray(label_hist_budget(lc, np.array([1.0, 0.25]), smoothing=0.5))
+    np.testing.assert_allclose(d[0, :3], [3.5 / 5.5, 0.5 / 5.5, 1.5 / 5.5], rtol=1e-6)
+    np.testing.assert_allclose(d[1, :3], [1 / 3] * 3, rtol=1e-6)
+    np.testing.assert_allclose(d[:, 3], [0.0, 2 / 6], rtol=1e-6)
+    plain = np.asarray(label_hist_budget(lc, np.array([1.0, 0.25])))
+    np.testing.assert_allclose(plain[0, :3], [0.75, 0.0, 0.25])
+    np.testing.assert_allclose(plain[1, :3], [0.0, 0.0, 0.0])
+
+
+def test_fiarse_paper_gradient_drops_no_client(tiny_npz):
+    """A budget-1 client has tau = 0, and its zero-initialised biases made the factor 0/0."""
+    c = tiny_config(tiny_npz, framp__mask_grad="fiarse_paper", clients_per_round=8)
+    prob, alg, parts, st = _setup(c)
+    _, m = jax.jit(alg.round)(st, prob.data, jnp.int32(0))
+    assert int(m["nan_clients"]) == 0 and np.isfinite(float(m["train_loss"]))
+
+
+@pytest.mark.parametrize("opt", [dict(framp__hn_steps=3),
+                                 dict(framp__base="fedavg"),
+                                 dict(framp__base="fedavg", framp__hn_steps=2,
+                                      framp__hist_smoothing=1.0),
+                                 dict(framp__generate="backbone", framp__hn_steps=2)])
+def test_variants_run_and_compile_once(tiny_npz, tmp_path, opt):
+    c = tiny_config(tiny_npz, rounds=3, eval_every=3, **opt)
+    res = simulate.run(c, str(tmp_path / "v"), progress=False, log=lambda *_: None)
+    assert 0.0 <= res["final"]["local"]["mean"] <= 1.0 and res["compiles"] == 1
+
+
+def test_base_resumes_bit_for_bit(tiny_npz, tmp_path):
+    c = tiny_config(tiny_npz, rounds=4, eval_every=2, checkpoint_every=2, framp__base="fedavg")
+    full = simulate.run(c, str(tmp_path / "full"), progress=False, log=lambda *_: None)
+    c2 = tiny_config(tiny_npz, rounds=2, eval_every=2, checkpoint_every=2, framp__base="fedavg")
+    simulate.run(c2, str(tmp_path / "part"), progress=False, log=lambda *_: None)
+    res = simulate.run(c, str(tmp_path / "part"), resume=True, progress=False, log=lambda *_: None)
+    assert res["final"] == full["final"]
+
+
+@pytest.mark.parametrize("field,value", [("hn_steps", 0), ("base", "sum"), ("base_lr", 0.0),
+                                         ("residual_scale", -1.0), ("hist_smoothing", -0.1)])
+def test_bad_options_name_the_field(tiny_npz, field, value):
+    c = tiny_config(tiny_npz)
+    c.framp[field] = value
+    with pytest.raises(ConfigError, match=f"framp.{field}"):
+        validate(c)
+
+
+def test_incompatible_options_are_refused(tiny_npz):
+    for kw, field in ((dict(framp__base="fedavg", framp__extraction="width"), "framp.base"),
+                      (dict(framp__base="fedavg", framp__generate="backbone"), "framp.base"),
+                      (dict(framp__hn_steps=2, framp__extraction="width"), "framp.hn_steps"),
+                      (dict(framp__hist_smoothing=1.0, framp__descriptor="budget_only"),
+                       "framp.hist_smoothing")):
+        with pytest.raises(ConfigError, match=field):
+            validate(tiny_config(tiny_npz, **kw))
+
+
+def test_new_fields_at_default_keep_the_config_hash():
+    """Runs made before these fields existed keep their hash (so sweeps skip them and
+    checkpoints resume); a changed value changes it."""
+    c = base_config()
+    old = simulate.hashed_config(c)
+    assert "hn_steps" not in old["framp"] and "base" not in old["framp"]
+    assert "diagnostics" not in old
+    h0 = simulate.config_hash(c)
+    c.framp.hn_steps = 2
+    assert simulate.config_hash(c) != h0
+    c.framp.hn_steps = 1
+    assert simulate.config_hash(c) == h0
+    c.framp.base = "fedavg"
+    assert simulate.config_hash(c) != h0
+
+
+def test_committed_runs_keep_their_hash():
+    """A preset's config today hashes as the committed run made from it did."""
+    import json
+    import os
+    from framp_jax.sweep import _load_preset
+    root = os.path.join(os.path.dirname(__file__), "..")
+    for run, preset in (("results/sweeps/cifar10_cpu/fedavg_seed0", "fedavg_cifar10_cpu.py"),
+                        ("results/sweeps/cora/framp_seed1", "framp_cora.py")):
+        stored = json.load(open(os.path.join(root, run, "config.json")))
+        c = _load_preset(os.path.join(root, "experiments/configs", preset))
+        c.seed = stored["seed"]
+        assert simulate.config_hash(c) == stored["_resolved"]["config_hash"], run
