@@ -23,9 +23,9 @@ PRESET = "../configs/framp_cifar10_cpu.py"
 def variants():
     return {
         "framp_base": (PRESET, {"framp.base": "fedavg"}),
-        "framp_diag": (PRESET, {}),
-        "framp_base_rs0.3": (PRESET, {"framp.base": "fedavg", "framp.residual_scale": 0.3}),
         "framp_base_rs0.03": (PRESET, {"framp.base": "fedavg", "framp.residual_scale": 0.03}),
+        "framp_base_rs0.3": (PRESET, {"framp.base": "fedavg", "framp.residual_scale": 0.3}),
+        "framp_diag": (PRESET, {}),
     }
 
 
