@@ -70,6 +70,10 @@ def base_config() -> mlc.ConfigDict:
     c.diagnostics = False          # True: every evaluation also records diag/ metrics (Union
     #                                accuracy on classes each client trained on / never saw,
     #                                cosine similarity of the clients' models; diagnostics.py)
+    c.record_mask_reuse = False    # True: count, per budget level, how often each prunable entry
+    #                                is in a participant's mask (<workdir>/mask_reuse.npz, the
+    #                                report's mask-reuse CDF); only for methods with an
+    #                                Algorithm.round_masks hook (FIARSE, FRAMP top-k)
     c.checkpoint_every = 50
     c.keep_checkpoints = 2
     c.client_map = "auto"          # auto | vmap | map (lax.map: faster on CPU; see Context)
@@ -125,6 +129,8 @@ def validate(c: mlc.ConfigDict) -> None:
            c.eval_model_chunk, "an integer >= 0 (0 = evaluate every model at once)")
     diag = c.get("diagnostics", False)
     check(isinstance(diag, bool), "diagnostics", diag, "True or False")
+    reuse = c.get("record_mask_reuse", False)
+    check(isinstance(reuse, bool), "record_mask_reuse", reuse, "True or False")
     check(c.max_loss_ratio >= 0, "max_loss_ratio", c.max_loss_ratio,
            ">= 0 (0 disables the loss-explosion stop)")
     check(c.lr > 0, "lr", c.lr, "a learning rate > 0")

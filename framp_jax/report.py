@@ -13,8 +13,9 @@ Finds every run directory (one holding ``results.json``) under the given paths a
 - unseen (held-out) clients, unseen budgets, bytes communicated and wall time per round where
   the runs record them;
 - plots: accuracy per budget with error bars, Local/Union mean against rounds (mean and ±1 std
-  band over seeds), and the per-client accuracy CDF per budget when results.json holds
-  per-client accuracies.
+  band over seeds), the per-client accuracy CDF per budget when results.json holds
+  per-client accuracies, and the mask-reuse CDF (SPEC §2.6, FIARSE's Fig. 1) of the runs that
+  recorded ``mask_reuse.npz`` (``config.record_mask_reuse``, :mod:`framp_jax.mask_reuse`).
 """
 from __future__ import annotations
 
@@ -146,7 +147,9 @@ def load_run(d: str) -> dict:
     cfg = _read_json(cfg_path) if os.path.exists(cfg_path) else {}
     resolved = cfg.get("_resolved", {})
     info = resolved.get("data") or res.get("dataset_info") or {}
+    reuse = os.path.join(d, "mask_reuse.npz")
     return {"dir": d, "name": os.path.basename(os.path.normpath(d)), "results": res,
+            "mask_reuse": reuse if os.path.exists(reuse) else None,
             "config": cfg, "metrics": _read_metrics(os.path.join(d, "metrics.csv")),
             "data": data_label(info), "data_sha256": info.get("sha256"),
             "commit": resolved.get("framp_jax_commit") or res.get("framp_jax_commit") or "unknown",
@@ -456,11 +459,16 @@ def write_report(paths: Sequence[str], out_dir: str) -> str:
             md.append(f"- `{d}`: {why}")
         md.append("")
     dups = [r["dir"] for r in runs if r.get("duplicate")]
+    n_reuse = sum(1 for r in runs if r.get("mask_reuse") and not r.get("duplicate"))
     md += ["## Notes", "",
            "- Server time per round is not recorded separately from the clients' time; the "
            "wall time above is the whole round.",
-           "- The mask-reuse CDF (for each parameter, the fraction of (client, round) masks "
-           "that keep it) is not recorded during training, so it is not plotted."]
+           "- The mask-reuse CDF (for each prunable parameter, the fraction of a budget level's "
+           "(client, round) masks that keep it) is plotted only for runs that recorded it during "
+           "training (config.record_mask_reuse=True, which writes mask_reuse.npz; methods with "
+           "masks over the full model: FIARSE and FRAMP with top-k extraction); "
+           + (f"{n_reuse} of these {len(runs)} runs recorded it." if n_reuse
+              else "none of these runs recorded it.")]
     if notes:
         md.append(f"- Setting(s) {', '.join(map(str, notes))}: results.json holds no per-client "
                   "accuracies (runs made before they were recorded), so there is no per-client "
@@ -578,7 +586,68 @@ def _plots(i, skey, rows, out_dir, notes) -> list[str]:
         md += [f"![per-client Local accuracy CDF per budget, pooled over seeds]({fn})", ""]
     else:
         notes.append(i)
+    md += _mask_reuse_plot(i, names, rows, out_dir)
     return md
+
+
+def _mask_reuse_fractions(rs) -> tuple[dict, int]:
+    """``({budget: kept fraction per prunable parameter}, seeds)`` of one variant's runs that
+    hold mask_reuse.npz: each run's ``counts / n`` per budget level, averaged over its seeds
+    (runs whose parameter count differs from the first one's are left out)."""
+    from framp_jax.mask_reuse import kept_fractions, load
+    per_level: dict = {}
+    used, size = 0, None
+    for r in rs:
+        if not r.get("mask_reuse"):
+            continue
+        try:
+            fr = kept_fractions(load(r["mask_reuse"]))
+        except (OSError, ValueError, KeyError):
+            continue
+        p = next(iter(fr.values())).shape[0] if fr else None
+        if p is None or (size is not None and p != size):
+            continue
+        size, used = p, used + 1
+        for b, f in fr.items():
+            per_level.setdefault(b, []).append(f)
+    return {b: np.mean(fs, axis=0) for b, fs in sorted(per_level.items())}, used
+
+
+def _mask_reuse_plot(i, names, rows, out_dir) -> list[str]:
+    """One panel per method (variant) with mask_reuse.npz: the empirical CDF over the prunable
+    parameters of their kept fraction, one curve per budget level."""
+    have = []
+    for name, rs in zip(names, rows.values()):
+        fr, n = _mask_reuse_fractions(rs)
+        if fr:
+            have.append((name, fr, n))
+    if not have:
+        return []
+    fig = _figure(3.6 * len(have), 3.4)
+    axes = fig.subplots(1, len(have), sharey=True, squeeze=False)[0]
+    for ax, (name, fr, n) in zip(axes, have):
+        for b, f in fr.items():
+            # the ECDF at each distinct value (at most 2000 of them drawn, each exact)
+            xs, cnt = np.unique(f, return_counts=True)
+            ys = np.cumsum(cnt) / len(f)
+            idx = np.unique(np.linspace(0, len(xs) - 1, min(len(xs), 2000)).astype(np.int64))
+            ax.step(np.concatenate([[0.0], xs[idx]]), np.concatenate([[0.0], ys[idx]]),
+                    where="post", label=f"budget {_budget_label(b)}")
+        ax.set_title(f"{name} (seeds: {n})", fontsize=8)
+        ax.set_xlabel("fraction of masks keeping the parameter")
+        ax.set_xlim(0.0, 1.0)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("fraction of prunable parameters")
+    axes[-1].legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    fn = f"plots/setting{i}_mask_reuse.png"
+    fig.savefig(os.path.join(out_dir, fn))
+    caption = ("Mask reuse (FIARSE's Fig. 1): for each prunable parameter, the fraction of a "
+               "budget level's (client, round) masks that keep it (mask_reuse.npz `counts / n`), "
+               "averaged over the seeds of each method (variant) (seeds: the number of runs "
+               "averaged), shown as the empirical CDF over the prunable parameters, one curve "
+               "per budget level.")
+    return [caption, "", f"![mask-reuse CDF per budget level, averaged over seeds]({fn})", ""]
 
 
 def _budget_label(b) -> str:

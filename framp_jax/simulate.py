@@ -48,6 +48,7 @@ def hashed_config(c) -> dict:
 HASH_STABLE_DEFAULTS = {
     "compute_dtype": "float32",
     "diagnostics": False,
+    "record_mask_reuse": False,
     "framp.hn_steps": 1,
     "framp.base": "none",
     "framp.base_lr": 1.0,
@@ -227,6 +228,15 @@ def _run(c, workdir: str, resume: bool, progress: bool, log, warn, closers) -> d
         from framp_jax.diagnostics import make_diagnostics
         diagnose = make_diagnostics(alg, prob.ctx, c.eval_batch, c.eval_model_chunk)
     data = prob.data
+    reuse = None
+    if c.get("record_mask_reuse", False):  # before anything compiles (mask_reuse.py)
+        if alg.round_masks is None:
+            raise C.ConfigError(
+                "record_mask_reuse", True,
+                f"False for method={c.method!r} with these options: its algorithm has no "
+                "round_masks hook (FIARSE and FRAMP with framp.extraction='topk' have one)")
+        from framp_jax.mask_reuse import MaskReuse
+        reuse = MaskReuse(alg, prob.ctx)
 
     state = alg.init(jax.random.key(c.seed), data)
     multi = dist.is_multi_process()
@@ -244,6 +254,8 @@ def _run(c, workdir: str, resume: bool, progress: bool, log, warn, closers) -> d
         history = list(extra.get("history", []))
         excluded = {int(r): int(n) for r, n in extra.get("excluded_clients", {}).items()}
         metrics_csv.truncate_after(start)
+        if reuse is not None:  # the counts of exactly the restored rounds, or a refusal
+            reuse.restore(workdir, start)
         log(f"resumed from round {start}")
     if replicated is not None and not multi:  # placed once, not transferred every round
         state, data = jax.device_put((state, data), replicated)
@@ -278,6 +290,8 @@ def _run(c, workdir: str, resume: bool, progress: bool, log, warn, closers) -> d
     last = {}
     max_loss = c.max_loss_ratio * float(np.log(max(int(prob.ctx.num_classes), 2)))
     for t in range(start, c.rounds):
+        if reuse is not None:  # the masks of round t, from the state before it
+            reuse.add(state, data, jnp.int32(t))
         state, m = round_fn(state, data, jnp.int32(t))
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         rnd = t + 1
@@ -323,6 +337,8 @@ def _run(c, workdir: str, resume: bool, progress: bool, log, warn, closers) -> d
             ckpt.save(rnd, state, {"round": rnd, "wall_s": wall_before + time.time() - t0,
                                    "history": history, "config_hash": config_hash(c),
                                    "config": hashed_config(c), "excluded_clients": excluded})
+            if reuse is not None:
+                reuse.save(workdir, rnd, write=writer)
     if bar is not None:
         bar.close()
     wall = wall_before + time.time() - t0
@@ -330,11 +346,15 @@ def _run(c, workdir: str, resume: bool, progress: bool, log, warn, closers) -> d
         ckpt.save(c.rounds, state, {"round": c.rounds, "wall_s": wall, "history": history,
                                     "config_hash": config_hash(c), "config": hashed_config(c),
                                     "excluded_clients": excluded})
+    if reuse is not None:
+        reuse.save(workdir, c.rounds, write=writer)
     ckpt.wait()
     tb.close()
     results = make_results(c, history, wall, round_counter.count, prob, time.time() - t_setup - wall + wall_before)
     results["excluded_clients"] = {"total": int(sum(excluded.values())),
                                    "by_round": {str(r): n for r, n in sorted(excluded.items())}}
+    if reuse is not None:  # the accumulator's traces (one per compilation, like "compiles")
+        results["mask_reuse"] = {"file": "mask_reuse.npz", "compiles": reuse.compiles}
     if final_clients:  # client i's budget and accuracies at the last evaluation (round c.rounds)
         results["per_client"] = {"round": c.rounds, "budget": np.asarray(prob.ctx.budgets).tolist(),
                                  "heldout": [int(i) for ids in C.heldout_ids(c) for i in ids],

@@ -55,6 +55,12 @@ class Algorithm(NamedTuple):
     # (FRAMP: the generated models before the budget mask), compared across clients by
     # config.diagnostics (framp_jax/diagnostics.py)
     diagnostic_params: Callable | None = None
+    # optional round_masks(state, data, t) -> (masks, budgets, valid): the {0,1} float masks over
+    # the full-size params pytree (stacked [M, ...]) that round t's participants train under,
+    # given the server state before the round, their budgets [M] and a valid [M] bool (False: a
+    # padding slot). Only the prunable leaves are read (config.record_mask_reuse,
+    # framp_jax/mask_reuse.py); methods whose clients train narrower pytrees leave it None.
+    round_masks: Callable | None = None
 
 
 class Context(NamedTuple):

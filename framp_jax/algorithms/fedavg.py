@@ -4,6 +4,11 @@ Every sampled client trains the full global model; the server averages parameter
 sample counts. FedAvg ignores compute budgets while training (a reference point); evaluation
 extracts the global model at each client's budget with global top-k magnitude masking, the rule
 SPEC §2.6 gives for global-model baselines.
+
+Bytes communicated per round (metrics ``comm/down_bytes``, ``comm/up_bytes``,
+``comm/mask_bytes``, float32 = 4 bytes per value, valid participants only, as FRAMP's): FedAvg
+sends every participant the whole model and gets its whole trained model back, 4 · (number of
+parameters) bytes each way per client, no mask; Local communicates nothing (0 bytes).
 """
 from __future__ import annotations
 
@@ -17,9 +22,9 @@ from framp_jax import masks as M
 from framp_jax.aggregate import masked_mean
 from framp_jax.algorithms.base import Algorithm, Context, EvalGroup
 from framp_jax.algorithms.registry import Method
-from framp_jax.algorithms.rounds import (budget_groups, draw_cohort, finite_clients, keep_where,
-                                         model_init_key, put_clients, round_metrics, state_item,
-                                         take_clients, train_cohort)
+from framp_jax.algorithms.rounds import (budget_groups, comm_metrics, draw_cohort, finite_clients,
+                                         keep_where, model_init_key, put_clients, round_metrics,
+                                         state_item, take_clients, train_cohort)
 from framp_jax.client import local_train
 from framp_jax.losses import cross_entropy
 
@@ -56,7 +61,9 @@ def fedavg(ctx: Context, opts=None) -> Algorithm:
             ctx, lambda x, y, n, k: local_train(loss_fn, params, None, x, y, n, k, cfg), co)
         finite = finite_clients(new, losses)
         w = co.count.astype(jnp.float32) * finite
-        return FedAvgState(masked_mean(params, new, None, w)), round_metrics(losses, finite)
+        metrics = round_metrics(losses, finite)
+        metrics.update(comm_bytes(params, co.valid))
+        return FedAvgState(masked_mean(params, new, None, w)), metrics
 
     def eval_groups(state, data):
         p = state.params
@@ -65,6 +72,13 @@ def fedavg(ctx: Context, opts=None) -> Algorithm:
                 for b, ids in budget_groups(ctx).items()]
 
     return Algorithm("fedavg", init, round_fn, eval_groups)
+
+
+def comm_bytes(params, valid):
+    """A whole model of ``params``' size down and up to every valid client, no mask."""
+    n = int(sum(np.size(x) for x in jax.tree.leaves(params)))
+    total = 4.0 * n * jnp.sum(valid.astype(jnp.float32))
+    return comm_metrics(total, total)
 
 
 def local_only(ctx: Context, opts=None) -> Algorithm:
@@ -93,7 +107,9 @@ def local_only(ctx: Context, opts=None) -> Algorithm:
             ctx, lambda x, y, n, k, p, m: local_train(loss_fn, p, m, x, y, n, k, cfg), co, p_i, m_i)
         finite = finite_clients(new, losses)
         params = put_clients(state.params, co.ids, keep_where(finite, new, p_i))
-        return LocalState(params, state.masks), round_metrics(losses, finite)
+        # no communication: every byte count is 0
+        return LocalState(params, state.masks), {**round_metrics(losses, finite),
+                                                 **comm_metrics(0.0, 0.0, 0.0)}
 
     def eval_groups(state, data):
         return [EvalGroup(model.apply, state.params, np.arange(n_clients), per_client=True)]

@@ -15,6 +15,17 @@ Options (``config.fiarse``):
              | "fiarse_paper" (the paper's threshold-aware gradient, kept entries get
              g·(1 + 2τ|w|/(|w|+τ)²))
   server_lr  the global step size (official ``--lr-global``, default 1.0)
+
+Bytes communicated per round (metrics ``comm/down_bytes``, ``comm/up_bytes``,
+``comm/mask_bytes``; float32 = 4 bytes per value, valid participants only): each client
+receives the kept entries of the global model at its budget (``|w| >= τ``, ties included) and
+every unmasked (non-prunable) entry, and sends back its update on the same support (entries can
+only leave the submodel during local training, never join: pruned entries get no gradient) plus
+the unmasked entries. ``comm/mask_bytes`` is 0: the official code sends no mask (``server.py``
+hands the client the model and ``generate_mask`` computes the top-k on it; ``worker.py`` returns
+the update as a dense state_dict and the server finds its support with ``grad != 0``), and a
+client can recover the mask from the values it receives (τ is the smallest kept magnitude).
+Sending it explicitly would cost P/8 bytes per client, FRAMP's ``comm/mask_bytes`` accounting.
 """
 from __future__ import annotations
 
@@ -28,9 +39,10 @@ import ml_collections as mlc
 from framp_jax import masks as M
 from framp_jax.algorithms.base import Algorithm, Context, EvalGroup
 from framp_jax.algorithms.registry import Method
-from framp_jax.algorithms.rounds import (budget_groups, draw_cohort, fiarse_paper_factor,
-                                         finite_clients, holders_mean, keep_where, model_init_key,
-                                         round_metrics, state_item, train_cohort)
+from framp_jax.algorithms.rounds import (budget_groups, comm_metrics, draw_cohort,
+                                         fiarse_paper_factor, finite_clients, holders_mean,
+                                         keep_where, model_init_key, round_metrics, state_item,
+                                         train_cohort)
 from framp_jax.client import local_train
 from framp_jax.config import check
 from framp_jax.losses import cross_entropy
@@ -171,6 +183,8 @@ def fiarse(ctx: Context, opts) -> Algorithm:
     prunable = model.prunable(shapes)
     groups = group_ids(shapes, opts.scope)
     n_prunable = M.num_prunable(shapes, prunable)
+    n_unmasked = sum(x.size for x, f in zip(jax.tree.leaves(shapes), jax.tree.leaves(prunable))
+                     if not f)
 
     def loss_with(taus):
         def loss(params, x, y, rng):
@@ -209,7 +223,30 @@ def fiarse(ctx: Context, opts) -> Algorithm:
         # prunable entries that left or joined the submodel during local training
         m["kept_frac"] = jnp.sum(jnp.where(finite, kept0, 0.0)) / nf
         m["mask_churn"] = jnp.sum(jnp.where(finite, churn, 0.0)) / nf
+        m.update(comm_bytes(params, taus, co.valid))
         return FiarseState(new), m
+
+    def comm_bytes(params, taus, valid):
+        """The round's bytes (module docstring): 4 · (kept + unmasked entries) per valid
+        participant each way; the kept count is recounted here in int32 (exact)."""
+        def kept_count(tt):
+            return sum(jnp.sum((jnp.abs(w) >= tau).astype(jnp.int32)) for w, tau, f in
+                       zip(jax.tree.leaves(params), jax.tree.leaves(tt), jax.tree.leaves(prunable))
+                       if f)
+        payload = jax.vmap(kept_count)(taus) + n_unmasked
+        total = 4.0 * jnp.sum(jnp.where(valid, payload, 0).astype(jnp.float32))
+        return comm_metrics(total, total, 0.0)
+
+    def round_masks(state, data, t):
+        """Round ``t``'s masks (``Algorithm.round_masks``): the top-k masks ``|w| >= τ_i`` of
+        the global model before the round at each participant's budget, exactly the masks its
+        clients start local training from (the forward re-evaluates them on the moving weights,
+        so entries may leave them during the round: metric ``mask_churn``)."""
+        co = draw_cohort(ctx, data, t)
+        budgets = data.budgets[co.ids]
+        taus = leaf_thresholds(state.params, prunable, groups, budgets)
+        masks = jax.vmap(lambda tt: threshold_masks(state.params, tt, prunable))(taus)
+        return masks, budgets, co.valid
 
     def eval_groups(state, data):
         p = state.params
@@ -220,7 +257,7 @@ def fiarse(ctx: Context, opts) -> Algorithm:
                                  ids, per_client=False))
         return out
 
-    return Algorithm("fiarse", init, round_fn, eval_groups)
+    return Algorithm("fiarse", init, round_fn, eval_groups, round_masks=round_masks)
 
 
 METHOD = Method("fiarse", fiarse, fiarse_defaults, validate_options)

@@ -500,10 +500,20 @@ def build(ctx: Context, fc) -> FrampInternals:
         ids = jnp.arange(ctx.num_clients)
         return generate(state.phi, state.desc, heads_of(state, ids), ids, state.base)
 
+    def round_masks(state, data, t):
+        """Round ``t``'s top-k masks (``Algorithm.round_masks``, config.record_mask_reuse):
+        each participant's generated model masked at its budget, as ``train_topk`` builds them."""
+        co = draw_cohort(ctx, data, t)
+        theta_gen = generate(state.phi, state.desc[co.ids], heads_of(state, co.ids), co.ids,
+                             state.base)
+        budgets = data.budgets[co.ids]
+        return cohort_masks(theta_gen, budgets), budgets, co.valid
+
     alg = Algorithm("framp", init, round_fn, eval_groups,
                     None if width else eval_groups_at_budget,
                     unseen_budgets=tuple(float(b) for b in fc.unseen_budgets),
-                    diagnostic_params=diagnostic_params)
+                    diagnostic_params=diagnostic_params,
+                    round_masks=None if width else round_masks)
     return FrampInternals(hn, hn_opt, template, prunable, generate, make_loss,
                           train_with_prototypes, client_topk, models_at, alg)
 

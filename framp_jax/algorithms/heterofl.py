@@ -24,6 +24,14 @@ entries nobody holds keep their value (HeteroFL ``src/fed.py`` ``Federation.comb
 * LR: ``lr(t) = c.lr · gamma^{#{m ∈ milestones : m ≤ t}}`` (``MultiStepLR`` stepped after every
   round, ``train_classifier_fed.py``), passed traced to ``local_train``.
 
+Bytes communicated per round (metrics ``comm/down_bytes``, ``comm/up_bytes``,
+``comm/mask_bytes``; float32 = 4 bytes per value, valid participants only, as FRAMP's): every
+participant receives its level's narrow submodel and sends its trained narrow submodel back,
+4 · (the narrow pytree's entries) bytes each way. ``comm/mask_bytes`` is 0 when the index sets
+follow from what the client knows (HeteroFL's prefix, FedRolex's rolling window of the round);
+with per-client index sets drawn by the server (FedRolex ``algo="random"``) they are sent as
+int32 indices, 4 · Σ_units k bytes per client.
+
 ``fedrolex.py`` reuses :func:`width_method` with other index sets.
 """
 from __future__ import annotations
@@ -39,9 +47,10 @@ import numpy as np
 from framp_jax import width as W
 from framp_jax.algorithms.base import Algorithm, Context, EvalGroup
 from framp_jax.algorithms.registry import Method
-from framp_jax.algorithms.rounds import (budget_groups, draw_level_cohorts, finite_clients,
-                                         holders_mean, keep_where, model_init_key, multistep_lr,
-                                         round_metrics, state_item, train_cohort)
+from framp_jax.algorithms.rounds import (budget_groups, comm_metrics, draw_level_cohorts,
+                                         finite_clients, holders_mean, keep_where, model_init_key,
+                                         multistep_lr, per_client_size, round_metrics, state_item,
+                                         train_cohort)
 from framp_jax.client import local_train
 from framp_jax.config import ConfigError
 from framp_jax.losses import cross_entropy, label_masked_logits
@@ -340,6 +349,7 @@ def width_method(ctx: Context, name: str, opts, index_fn: Callable, per_client_i
         sizes = W.unit_sizes(params, fam.spec)
         lr = lr_at(t, cfg.lr, tuple(opts.lr_milestones), opts.lr_gamma, lr_offset)
         parts, losses_all, valid_all, finite_all = [], [], [], []
+        model_bytes, index_bytes = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
         for budget, co in draw_level_cohorts(ctx, data, t):
             r = rate_of(rates, budget)
             level_loss = make_loss(fam.model(r))
@@ -363,6 +373,10 @@ def width_method(ctx: Context, name: str, opts, index_fn: Callable, per_client_i
             losses_all.append(losses)
             valid_all.append(co.valid)
             finite_all.append(finite)
+            n_valid = jnp.sum(co.valid.astype(jnp.float32))
+            model_bytes = model_bytes + 4.0 * per_client_size(new) * n_valid
+            if per_client_index:  # indices the server drew for each client: sent as int32
+                index_bytes = index_bytes + 4.0 * per_client_size(idx) * n_valid
         tmp_counts = None
         if count_bug:
             new_params, tmp_counts = combine_official_counts(
@@ -373,7 +387,8 @@ def width_method(ctx: Context, name: str, opts, index_fn: Callable, per_client_i
                                state.t + 1 if eval_index_fn is not None else None)
         cat = jnp.concatenate
         metrics = round_metrics(cat(losses_all), cat(finite_all), cat(valid_all))
-        return new_state, dict(metrics, lr=lr)
+        return new_state, dict(metrics, lr=lr, **comm_metrics(model_bytes, model_bytes,
+                                                              index_bytes))
 
     def eval_groups(state, data):
         params = state.params

@@ -10,7 +10,9 @@ A method's ``round(state, data, t)`` is composed of these small pure functions:
    others: :func:`keep_where`;
 4. aggregate (method-specific), with :func:`holders_mean` for "the mean over the clients that
    hold an entry, else keep the global value";
-5. report :func:`round_metrics` (``train_loss``, ``nan_clients``).
+5. report :func:`round_metrics` (``train_loss``, ``nan_clients``) and the bytes communicated,
+   :func:`comm_metrics` (``comm/down_bytes``, ``comm/up_bytes``, ``comm/mask_bytes``; entries
+   per client from :func:`per_client_size`).
 
 Per-client rows of a stacked pytree are read and written with :func:`take_clients` and
 :func:`put_clients`; :func:`budget_groups` lists the evaluation groups of the global-model
@@ -164,6 +166,20 @@ def round_metrics(losses, finite, valid=None):
         n_bad = b if n_bad is None else n_bad + b
     loss = loss_sum / jnp.maximum(n_ok, 1.0)
     return {"train_loss": jnp.where(n_ok > 0, loss, jnp.nan), "nan_clients": n_bad}
+
+
+def per_client_size(stacked) -> int:
+    """Entries of one client's row of a pytree stacked on a leading client axis (static)."""
+    return int(sum(np.size(x) // x.shape[0] for x in jax.tree.leaves(stacked)))
+
+
+def comm_metrics(down, up, mask=None) -> dict:
+    """The round's bytes communicated (float32 scalars): ``comm/down_bytes`` (server to the
+    participants), ``comm/up_bytes`` (back), ``comm/mask_bytes`` (masks or index sets sent
+    besides the values; ``None`` = 0). Methods count 4 bytes per float32 value sent and only
+    valid participants (FRAMP's accounting, SPEC §1.9)."""
+    f = lambda v: jnp.asarray(0.0 if v is None else v, jnp.float32)
+    return {"comm/down_bytes": f(down), "comm/up_bytes": f(up), "comm/mask_bytes": f(mask)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,12 @@ Default level maps (``scalefl.exits``/``scalefl.widths`` empty):
   parameters, so the width carries the budget (Cora: fractions 1, 0.235, 0.057, 0.014).
 Fractions count the prunable parameters (kernels and classifier biases), the entries a budget
 measures elsewhere in framp_jax; ``init`` prints each level's measured fraction.
+
+Bytes communicated per round (metrics ``comm/down_bytes``, ``comm/up_bytes``,
+``comm/mask_bytes``; float32 = 4 bytes per value, valid participants only, as FRAMP's): every
+participant receives its level's sub-network (its layers, width and exits: every entry of the
+level's params pytree) and sends the trained one back, 4 · (its entries) bytes each way; no mask
+(the level's shape is fixed by the client's budget).
 """
 from __future__ import annotations
 
@@ -44,9 +50,10 @@ import numpy as np
 
 from framp_jax.algorithms.base import Algorithm, Context, EvalGroup
 from framp_jax.algorithms.registry import Method
-from framp_jax.algorithms.rounds import (budget_groups, draw_level_cohorts, finite_clients,
-                                         holders_mean, keep_where, model_init_key, multistep_lr,
-                                         round_metrics, state_item, train_cohort)
+from framp_jax.algorithms.rounds import (budget_groups, comm_metrics, draw_level_cohorts,
+                                         finite_clients, holders_mean, keep_where, model_init_key,
+                                         multistep_lr, per_client_size, round_metrics, state_item,
+                                         train_cohort)
 from framp_jax.client import local_train
 from framp_jax.config import ConfigError
 from framp_jax.losses import cross_entropy
@@ -211,6 +218,7 @@ def scalefl(ctx: Context, o) -> Algorithm:
         lr = lr_at(t, cfg.lr, milestones, decay)
         kd_on = kd_active(t, o.kd_start, ctx.rounds)
         updates, losses_l, finite_l, valid_l = [], [], [], []
+        model_bytes = None
         for s, co in draw_level_cohorts(ctx, data, t):
             b = level_of(s)
             p0 = E.extract(g, shapes[b])
@@ -220,11 +228,14 @@ def scalefl(ctx: Context, o) -> Algorithm:
                                                                        lr=lr), co)
             finite = finite_clients(new, losses)
             updates.append((new, (co.valid & finite).astype(jnp.float32)))
+            sent = 4.0 * per_client_size(new) * jnp.sum(co.valid.astype(jnp.float32))
+            model_bytes = sent if model_bytes is None else model_bytes + sent
             losses_l.append(losses)
             finite_l.append(finite)
             valid_l.append(co.valid)
         # per-level lists: the loss sum is accumulated level by level, as before
-        metrics = dict(round_metrics(losses_l, finite_l, valid_l), lr=lr)
+        metrics = dict(round_metrics(losses_l, finite_l, valid_l), lr=lr,
+                       **comm_metrics(model_bytes, model_bytes, 0.0))
         return ScaleFLState(aggregate(g, updates)), metrics
 
     def eval_groups(state, data):
