@@ -44,7 +44,7 @@ SETTING_FIELDS = ("dataset", "model", "num_clients", "clients_per_round", "round
 # Fields that never make two runs different results (or are the seed, shown as its own column).
 _NOT_VARIANT = {"seed", "data_dir", "rounds", "checkpoint_every", "keep_checkpoints",
                 "eval_every", "eval_model_chunk", "mesh_clients", "conv_impl", "max_loss_ratio",
-                "union_subset", "client_map"}
+                "union_subset", "client_map", "diagnostics", "record_mask_reuse"}
 
 # Exactness labels of the shared data files, by sha256 (the data folders' README.md files).
 DATA_LABELS = {
@@ -183,7 +183,10 @@ def _hashable(v):
 
 
 def _variant_fields(run) -> dict:
+    from framp_jax.simulate import HASH_STABLE_DEFAULTS
     flat = _flatten({k: v for k, v in (run["config"] or {}).items() if k != "_resolved"})
+    if run["config"]:  # runs made before a field existed ran with its (unchanged) default
+        flat = {**HASH_STABLE_DEFAULTS, **flat}
     return {k: v for k, v in flat.items()
             if k not in _NOT_VARIANT and k not in SETTING_FIELDS and k != "method"}
 
@@ -395,6 +398,47 @@ def _unseen_budget_rows(rows):
     return labels, out
 
 
+DIAG_COLUMNS = (("diag/union_present/mean", "Union, classes present"),
+                ("diag/union_absent/mean", "Union, classes absent"),
+                ("diag/cos_same_budget", "cos same budget"),
+                ("diag/cos_cross_budget", "cos across budgets"),
+                ("diag/gen_cos_same_budget", "generated cos same budget"),
+                ("diag/gen_cos_cross_budget", "generated cos across budgets"))
+
+
+def _last_metric(run, col):
+    """``col`` at the run's last evaluation (metrics.csv), or None."""
+    for row in reversed(run["metrics"]):
+        v = row.get(col)
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+    return None
+
+
+def run_score(run):
+    """The design study's selection criterion: (Local mean + Union mean) / 2 of results.json
+    ``final`` (None when either is missing)."""
+    lo, un = _final(run, "local", "mean"), _final(run, "union", "mean")
+    return None if lo is None or un is None else (lo + un) / 2
+
+
+def _diagnostic_rows(rows):
+    """Per method (variant): the score and the diagnostics of the last evaluation
+    (config.diagnostics), mean ± std over seeds; [] when no run recorded diagnostics."""
+    if not any(_last_metric(r, DIAG_COLUMNS[0][0]) is not None or
+               _last_metric(r, DIAG_COLUMNS[2][0]) is not None for rs in rows.values() for r in rs):
+        return []
+    out = []
+    for (method, label), rs in rows.items():
+        cells = [_row_name(method, label), str(len(rs)), _cell([run_score(r) for r in rs])]
+        for col, _ in DIAG_COLUMNS:
+            scale = 100.0 if col.startswith("diag/union") else 1.0
+            cells.append(_cell([_last_metric(r, col) for r in rs], scale=scale,
+                               digits=2 if scale == 100.0 else 3))
+        out.append(cells)
+    return out
+
+
 def _budget_value(label: str) -> float:
     try:
         a, _, b = label.partition("/")
@@ -438,6 +482,15 @@ def write_report(paths: Sequence[str], out_dir: str) -> str:
                    "training, zero-shot; mean over the trained clients):", ""]
             md += _table(["method (variant)", "n"] + [f"Local {b}" for b in labels]
                          + [f"Union {b}" for b in labels], ub) + [""]
+        dr = _diagnostic_rows(rows)
+        if dr:
+            md += ["Score and diagnostics: score = (Local mean + Union mean) / 2 (%); Union "
+                   "split into the classes present in / absent from each client's training "
+                   "data (%, mean over budgets); mean cosine similarity of the evaluated models "
+                   "of pairs of clients with the same / different budgets, and of the generated "
+                   "models before the budget mask (FRAMP); at the last evaluation "
+                   "(config.diagnostics; – where not recorded):", ""]
+            md += _table(["method (variant)", "n", "score"] + [h for _, h in DIAG_COLUMNS], dr) + [""]
         ct, any_comm = _comm_and_time_rows(rows)
         if any_comm:
             md += ["Communication per round (MB, metrics.csv `comm/*`: the bytes of the "

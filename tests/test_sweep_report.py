@@ -365,3 +365,28 @@ def test_mean_std_is_the_sample_std():
     assert n == 3 and m == pytest.approx(7 / 3)
     assert s == pytest.approx(np.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2))
     assert REP.mean_std([0.5]) == (0.5, None, 1)
+
+
+def test_report_score_and_diagnostics_table(tmp_path):
+    """score = (Local mean + Union mean) / 2 over seeds; diagnostics from the last metrics row."""
+    runs = tmp_path / "runs"
+    for s, (lm, um, pres, cos) in enumerate([(0.6, 0.2, 0.5, 0.9), (0.4, 0.4, 0.7, 0.7)]):
+        d = _fake_run(runs, f"framp_base_s{s}", "framp", s, lm, um, framp={"base": "fedavg"})
+        (d / "metrics.csv").write_text(
+            "round,local/mean,union/mean,diag/union_present/mean,diag/cos_same_budget\n"
+            f"10,0.1,0.1,0.0,0.0\n20,{lm},{um},{pres},{cos}\n")
+    d = _fake_run(runs, "framp_s0", "framp", 0, 0.5, 0.1)  # no diagnostics recorded, made
+    cfg = json.loads((d / "config.json").read_text())     # before framp.base existed
+    del cfg["framp"]["base"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    md = Path(REP.write_report([str(runs)], str(tmp_path / "rep"))).read_text()
+    header = _table_row(md, "method (variant)", after="Score and diagnostics")
+    col = {h: i for i, h in enumerate(header)}
+    # labels name where a run differs from most runs of its method: here the single default run
+    row = _table_row(md, "framp", after="Score and diagnostics")
+    assert row[col["score"]] == "40.00 ± 0.00"            # (0.6+0.2)/2 = (0.4+0.4)/2 = 0.4
+    assert row[col["Union, classes present"]] == "60.00 ± 14.14"  # 50, 70
+    assert row[col["cos same budget"]] == "0.800 ± 0.141"
+    assert row[col["Union, classes absent"]] == "–"
+    plain = _table_row(md, "framp (framp.base=none)", after="Score and diagnostics")
+    assert plain[col["score"]] == "30.00" and plain[col["cos same budget"]] == "–"
