@@ -53,6 +53,7 @@ HASH_STABLE_DEFAULTS = {
     "framp.base": "none",
     "framp.base_lr": 1.0,
     "framp.residual_scale": 0.1,
+    "framp.residual_head": True,
     "framp.hist_smoothing": 0.0,
 }
 

@@ -100,6 +100,18 @@ def test_shared_base_generation_and_update_by_hand(tiny_npz):
                for a, b in zip(jax.tree.leaves(st.base), jax.tree.leaves(new.base)))
 
 
+def test_shared_head_takes_the_base_classifier(tiny_npz):
+    c = tiny_config(tiny_npz, framp__base="fedavg", framp__residual_head=False)
+    prob, alg, parts, st = _setup(c)
+    ids = jnp.arange(4)
+    th = parts.generate(st.phi, st.desc[ids], None, ids, st.base)
+    for a, b in zip(jax.tree.leaves(th["classifier"]), jax.tree.leaves(st.base["classifier"])):
+        np.testing.assert_array_equal(np.asarray(a), np.broadcast_to(np.asarray(b), a.shape))
+    body = [k for k in th if k != "classifier"]
+    assert any(float(jnp.abs(th[k_][leaf_] - st.base[k_][leaf_]).max()) > 0
+               for k_ in body for leaf_ in th[k_])
+
+
 def test_hist_smoothing_by_hand():
     lc = np.array([[3.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
     d = np.asarray(label_hist_budget(lc, np.array([1.0, 0.25]), smoothing=0.5))
@@ -123,7 +135,8 @@ def test_fiarse_paper_gradient_drops_no_client(tiny_npz):
                                  dict(framp__base="fedavg"),
                                  dict(framp__base="fedavg", framp__hn_steps=2,
                                       framp__hist_smoothing=1.0),
-                                 dict(framp__generate="backbone", framp__hn_steps=2)])
+                                 dict(framp__generate="backbone", framp__hn_steps=2),
+                                 dict(framp__base="fedavg", framp__residual_head=False)])
 def test_variants_run_and_compile_once(tiny_npz, tmp_path, opt):
     c = tiny_config(tiny_npz, rounds=3, eval_every=3, **opt)
     res = simulate.run(c, str(tmp_path / "v"), progress=False, log=lambda *_: None)
@@ -152,6 +165,7 @@ def test_incompatible_options_are_refused(tiny_npz):
     for kw, field in ((dict(framp__base="fedavg", framp__extraction="width"), "framp.base"),
                       (dict(framp__base="fedavg", framp__generate="backbone"), "framp.base"),
                       (dict(framp__hn_steps=2, framp__extraction="width"), "framp.hn_steps"),
+                      (dict(framp__residual_head=False), "framp.residual_head"),
                       (dict(framp__hist_smoothing=1.0, framp__descriptor="budget_only"),
                        "framp.hist_smoothing")):
         with pytest.raises(ConfigError, match=field):

@@ -7,7 +7,9 @@ of their updates (trained - sent); the HN still gets the VJP of the clients' del
 within the paper's description (a server-side generator of client models from descriptors,
 global top-k extraction, prototype alignment). Beside it, SPEC's default FRAMP with the same
 diagnostics (Union split into classes present/absent in the client's data, cosine similarity of
-the clients' generated models). Everything else is ``framp_cifar10_cpu.py``.
+the clients' generated models). ``framp.residual_head=False`` (ours) keeps the base's
+classifier for every client (the residual personalises the feature extractor only). Everything
+else is ``framp_cifar10_cpu.py``.
 
 Selection criterion, declared before any of these runs: score = (Local mean + Union mean) / 2
 of results.json "final", averaged over seeds 0, 1, 2; a variant replaces the preset default
@@ -23,6 +25,7 @@ PRESET = "../configs/framp_cifar10_cpu.py"
 def variants():
     return {
         "framp_base": (PRESET, {"framp.base": "fedavg"}),
+        "framp_base_sharedhead": (PRESET, {"framp.base": "fedavg", "framp.residual_head": False}),
         "framp_base_rs0.03": (PRESET, {"framp.base": "fedavg", "framp.residual_scale": 0.03}),
         "framp_base_rs0.3": (PRESET, {"framp.base": "fedavg", "framp.residual_scale": 0.3}),
         "framp_diag": (PRESET, {}),

@@ -83,6 +83,7 @@ def framp_defaults() -> mlc.ConfigDict:
     f.base = "none"                     # | fedavg
     f.base_lr = 1.0
     f.residual_scale = 0.1
+    f.residual_head = True              # False: the classifier is the shared base's (no residual)
     f.eval_mode = "generated"           # | finetuned
     f.finetune_steps = 20               # local steps before evaluation in finetuned mode
     f.unseen_budgets = ()               # budgets evaluated zero-shot at the end, e.g. (1/256, 1/2)
@@ -136,6 +137,9 @@ def validate_options(c, f) -> None:
           f.base, "'none' unless extraction='topk' and generate='all'")
     check(f.base_lr > 0, "framp.base_lr", f.base_lr, "> 0")
     check(f.residual_scale > 0, "framp.residual_scale", f.residual_scale, "> 0")
+    check(isinstance(f.residual_head, bool), "framp.residual_head", f.residual_head, "True or False")
+    check(f.residual_head or f.base != "none", "framp.residual_head", f.residual_head,
+          "True unless framp.base is set (it removes the residual from the base's classifier)")
     check(f.hn_lr > 0, "framp.hn_lr", f.hn_lr, "> 0")
     check(f.proto_noise_std >= 0, "framp.proto_noise_std", f.proto_noise_std, ">= 0")
     check(f.mask_grad == "masked" or f.scope == "global", "framp.mask_grad", f.mask_grad,
@@ -276,6 +280,9 @@ def build(ctx: Context, fc) -> FrampInternals:
     # the HN's output at u = 0 (hypernet.entry_scales: 1 for norm scales, else 0)
     hn_offset = jax.tree_util.tree_map_with_path(
         lambda path, a: 1.0 if getattr(path[-1], "key", None) == "scale" else 0.0, template)
+    # the residual's weight per leaf: residual_scale, or 0 on the classifier (residual_head=False)
+    res_w = {k: jax.tree.map(lambda _: 0.0 if (k == "classifier" and not fc.residual_head)
+                             else fc.residual_scale, v) for k, v in template.items()}
 
     def generate(phi, desc, heads=None, ids=None, base=None):
         """Full models of the clients ``ids`` from their descriptors ``desc`` (the ids matter
@@ -286,8 +293,8 @@ def build(ctx: Context, fc) -> FrampInternals:
         else:
             theta = jax.vmap(hn.apply, in_axes=(None, 0, 0))(phi, desc, jnp.asarray(ids, jnp.int32))
         if base is not None:
-            theta = jax.tree.map(lambda th, b, a: b + fc.residual_scale * (th - a),
-                                 theta, base, hn_offset)
+            theta = jax.tree.map(lambda th, b, a, s: b + s * (th - a), theta, base, hn_offset,
+                                 res_w)
         if backbone:
             theta = dict(theta, classifier=heads)
         return theta
