@@ -196,6 +196,7 @@ def group_runs(runs: Sequence[dict]) -> "OrderedDict[tuple, OrderedDict[tuple, l
     then other data sets; rows in the order their runs are found.
     The variant label names the config fields (besides seed) where a run differs from the most
     common value among the runs of its method in the setting; runs with the same config and seed as an earlier one are dropped."""
+    from framp_jax.simulate import HASH_STABLE_DEFAULTS
     settings: OrderedDict = OrderedDict()
     for r in runs:
         settings.setdefault(_setting_key(r), []).append(r)
@@ -216,6 +217,10 @@ def group_runs(runs: Sequence[dict]) -> "OrderedDict[tuple, OrderedDict[tuple, l
             varying = [k for k in keys if len({repr(f.get(k)) for f in fields}) > 1]
             mode = {k: Counter(repr(f.get(k)) for f in fields).most_common(1)[0][0]
                     for k in varying}
+            # a field added later is labelled where it differs from its default (the value every
+            # run before it had), not from the most common value
+            mode.update({k: repr(HASH_STABLE_DEFAULTS[k]) for k in varying
+                         if k in HASH_STABLE_DEFAULTS})
             seen = set()
             for r, f in zip(mrs, fields):
                 shown = [k for k in varying if repr(f.get(k)) != mode[k]]

@@ -382,11 +382,11 @@ def test_report_score_and_diagnostics_table(tmp_path):
     md = Path(REP.write_report([str(runs)], str(tmp_path / "rep"))).read_text()
     header = _table_row(md, "method (variant)", after="Score and diagnostics")
     col = {h: i for i, h in enumerate(header)}
-    # labels name where a run differs from most runs of its method: here the single default run
-    row = _table_row(md, "framp", after="Score and diagnostics")
+    # a field added to the config later is labelled where it differs from its default
+    row = _table_row(md, "framp (framp.base=fedavg)", after="Score and diagnostics")
     assert row[col["score"]] == "40.00 ± 0.00"            # (0.6+0.2)/2 = (0.4+0.4)/2 = 0.4
     assert row[col["Union, classes present"]] == "60.00 ± 14.14"  # 50, 70
     assert row[col["cos same budget"]] == "0.800 ± 0.141"
     assert row[col["Union, classes absent"]] == "–"
-    plain = _table_row(md, "framp (framp.base=none)", after="Score and diagnostics")
+    plain = _table_row(md, "framp", after="Score and diagnostics")
     assert plain[col["score"]] == "30.00" and plain[col["cos same budget"]] == "–"
