@@ -224,17 +224,20 @@ def test_cosine_of_diagnostic_params():
 # config and end to end
 
 
-def test_config_field_validated_and_hash_stable(tiny_config):
+@pytest.mark.parametrize("field", ["diagnostics", "record_mask_reuse"])
+def test_config_field_validated_and_hash_stable(tiny_config, field):
+    """The opt-in bool fields added after runs existed: False by default, left out of the config
+    hash at False, and validated as bools."""
     c = tiny_config()
-    assert c.diagnostics is False
+    assert c[field] is False
     old = tiny_config()
-    del old["diagnostics"]
+    del old[field]
     assert simulate.config_hash(c) == simulate.config_hash(old)
-    assert simulate.config_hash(tiny_config(diagnostics=True)) != simulate.config_hash(c)
+    assert simulate.config_hash(tiny_config(**{field: True})) != simulate.config_hash(c)
     bad = tiny_config()
-    del bad["diagnostics"]
-    bad.diagnostics = 1
-    with pytest.raises(C.ConfigError, match="diagnostics"):
+    del bad[field]
+    bad[field] = 1
+    with pytest.raises(C.ConfigError, match=field):
         C.validate(bad)
 
 

@@ -26,21 +26,7 @@ QUIET = dict(progress=False, log=lambda *a, **k: None, warn=lambda *a, **k: None
 
 
 # ---------------------------------------------------------------------------------------------
-# config
-
-
-def test_config_field_validated_and_hash_stable(tiny_config):
-    c = tiny_config()
-    assert c.record_mask_reuse is False
-    old = tiny_config()
-    del old["record_mask_reuse"]
-    assert simulate.config_hash(c) == simulate.config_hash(old)
-    assert simulate.config_hash(tiny_config(record_mask_reuse=True)) != simulate.config_hash(c)
-    bad = tiny_config()
-    del bad["record_mask_reuse"]
-    bad.record_mask_reuse = 1
-    with pytest.raises(C.ConfigError, match="record_mask_reuse"):
-        C.validate(bad)
+# config (the field's default, hash and validation: tests/test_diagnostics.py)
 
 
 def test_method_without_masks_is_refused_before_the_first_round(tiny_config, tmp_path):
