@@ -28,7 +28,8 @@ def variants():
         "framp_base_sharedhead": (PRESET, {"framp.base": "fedavg", "framp.residual_head": False}),
         "framp_base_rs0.03": (PRESET, {"framp.base": "fedavg", "framp.residual_scale": 0.03}),
         "framp_base_rs0.3": (PRESET, {"framp.base": "fedavg", "framp.residual_scale": 0.3}),
-        "framp_diag": (PRESET, {}),
+        # SPEC's FRAMP with diagnostics; it also records the mask-reuse counts (report CDF).
+        "framp_diag": (PRESET, {"record_mask_reuse": True}),
     }
 
 
