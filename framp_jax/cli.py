@@ -40,7 +40,7 @@ COMMANDS = ("train", "sweep", "report")
 def _sweep_or_report(cmd):
     if cmd[0] == "report":
         if len(cmd) < 2 or FLAGS.out is None:
-            raise app.UsageError("usage: framp-jax report RUN_OR_SWEEP_DIR... --out DIR")
+            raise app.UsageError("usage: framp-jax report RUN_OR_SWEEP_DIR... [BENCH_SERVER.json] --out DIR")
         from framp_jax.report import write_report
         print(f"report: {write_report(cmd[1:], FLAGS.out)}")
         return

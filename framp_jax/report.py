@@ -1,4 +1,4 @@
-"""Report over finished runs: ``framp-jax report RUN_OR_SWEEP_DIR... --out DIR``.
+"""Report over finished runs: ``framp-jax report RUN_OR_SWEEP_DIR... [BENCH_SERVER.json] --out DIR``.
 
 Finds every run directory (one holding ``results.json``) under the given paths and writes
 ``DIR/REPORT.md`` and its plots, ``DIR/plots/*.png``:
@@ -11,7 +11,8 @@ Finds every run directory (one holding ``results.json``) under the given paths a
   exactness label and the framp_jax commit that made the runs;
 - the published numbers of the same protocol beside ours (:mod:`framp_jax.reference_numbers`);
 - unseen (held-out) clients, unseen budgets, bytes communicated and wall time per round where
-  the runs record them;
+  the runs record them; server time per round from a ``benchmarks/bench_server.py`` JSON given
+  among the paths;
 - plots: accuracy per budget with error bars, Local/Union mean against rounds (mean and ±1 std
   band over seeds), the per-client accuracy CDF per budget when results.json holds
   per-client accuracies, and the mask-reuse CDF (SPEC §2.6, FIARSE's Fig. 1) of the runs that
@@ -91,9 +92,12 @@ def find_runs(paths: Iterable[str]) -> tuple[list[str], list[str]]:
     checkpoints or error.txt without it."""
     done, unfinished = [], []
     for p in paths:
+        if is_server_bench(p):
+            continue
         if not os.path.isdir(p):
             from framp_jax.errors import FrampError
-            raise FrampError(f"report: {p} is not a directory (give run or sweep directories)")
+            raise FrampError(f"report: {p} is not a directory (give run or sweep directories, "
+                             "or a benchmarks/bench_server.py JSON)")
         for root, dirs, files in os.walk(p):
             dirs[:] = sorted(d for d in dirs if d not in ("checkpoints", "tb"))
             if "results.json" in files:
@@ -103,6 +107,41 @@ def find_runs(paths: Iterable[str]) -> tuple[list[str], list[str]]:
                 unfinished.append(root)
                 dirs[:] = []
     return done, unfinished
+
+
+SERVER_BENCH_SCRIPT = "benchmarks/bench_server.py"
+
+
+def is_server_bench(path: str) -> bool:
+    """Whether ``path`` is a JSON file written by ``benchmarks/bench_server.py``."""
+    if not (os.path.isfile(path) and path.endswith(".json")):
+        return False
+    try:
+        return _read_json(path).get("script") == SERVER_BENCH_SCRIPT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def server_time_lines(path: str) -> list[str]:
+    """The report's server-time table from a ``bench_server.py`` JSON."""
+    b = _read_json(path)
+    rows = []
+    for m, r in b["methods"].items():
+        med = r["median_s"]
+        n = len(r["seconds"]["full"])
+        rows.append([m, str(n), f"{med['full']:.3f}", f"{med['no_sgd']:.3f}",
+                     f"{100 * med['no_sgd'] / med['full']:.1f}"])
+    sets = ", ".join(f"{k}={v}" for k, v in b.get("sets", {}).items()) or "none"
+    return (["## Server time per round", "",
+             f"From `{path}` (`python {SERVER_BENCH_SCRIPT} {' '.join(b.get('argv', []))}`; "
+             f"{b.get('backend')}, {b.get('cpu_count')} cores, {b.get('cpu')}, jax {b.get('jax')}; "
+             f"preset overrides: {sets}). Each method's `*_cifar10_cpu` preset on its data, the "
+             "real jitted round (full) and the same method built with `local.steps = 0` (no "
+             "local SGD: the server's generation/extraction, aggregation and update, plus the "
+             "clients' non-SGD work such as FRAMP's prototype pass: an upper bound on the "
+             "server time), median seconds per round over n rounds each, timed alternately:", ""]
+            + _table(["method", "n", "full s/round", "no local SGD s/round", "% of the round"], rows)
+            + [""])
 
 
 def _read_json(path):
@@ -518,9 +557,15 @@ def write_report(paths: Sequence[str], out_dir: str) -> str:
         md.append("")
     dups = [r["dir"] for r in runs if r.get("duplicate")]
     n_reuse = sum(1 for r in runs if r.get("mask_reuse") and not r.get("duplicate"))
+    benches = [p for p in paths if is_server_bench(p)]
+    for p in benches:
+        md += server_time_lines(p)
     md += ["## Notes", "",
-           "- Server time per round is not recorded separately from the clients' time; the "
-           "wall time above is the whole round.",
+           ("- Server time per round: see the section above (benchmarks/bench_server.py); the "
+            "wall time in the tables is the whole round with its evaluations." if benches else
+            "- Server time per round is not recorded in the runs; the wall time above is the "
+            "whole round with its evaluations (`benchmarks/bench_server.py` measures it; give "
+            "its JSON to `framp-jax report` to add its table)."),
            "- The mask-reuse CDF (for each prunable parameter, the fraction of a budget level's "
            "(client, round) masks that keep it) is plotted only for runs that recorded it during "
            "training (config.record_mask_reuse=True, which writes mask_reuse.npz; methods with "

@@ -334,7 +334,7 @@ def test_report_of_a_missing_directory_is_one_line(tmp_path):
     r = _cli("report", str(tmp_path / "nope"), "--out", str(tmp_path / "rep"))
     assert r.returncode == 2 and r.stderr.strip() == (
         f"framp-jax: report: {tmp_path / 'nope'} is not a directory (give run or sweep "
-        "directories)"), r.stderr
+        "directories, or a benchmarks/bench_server.py JSON)"), r.stderr
 
 
 def test_reference_match_needs_the_protocol():
