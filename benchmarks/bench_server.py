@@ -148,12 +148,14 @@ def main(argv=None):
     result = {"script": "benchmarks/bench_server.py", "argv": list(sys.argv[1:] if argv is None else argv),
               "backend": backend, "jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
               "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "sets": dict(sets),
+              "loadavg_start": list(os.getloadavg()),
               "what": "s/round of the real round (full) and of the same round with local.steps=0 "
                       "(no_sgd: server work plus the clients' non-SGD work), medians over reps, "
                       "timed alternately", "methods": {}}
     for m in methods:
         result["methods"][m] = measure(m, sets, args.reps, args.warmup)
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        result["loadavg_end"] = list(os.getloadavg())
         with open(out, "w") as f:  # kept after every method: a cut run keeps what it measured
             json.dump(result, f, indent=1)
     print(f"wrote {out}")
