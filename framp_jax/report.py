@@ -370,6 +370,54 @@ def _accuracy_rows(rows, split_prefix=""):
     return out
 
 
+def _framp_vs_others(rows) -> list[str]:
+    """For each FRAMP row: its mean minus the best other method's mean (over seeds) in every
+    Local/Union budget column, and a plain sentence of where it is ahead of every other method."""
+    framp = [(k, rs) for k, rs in rows.items() if k[0] == "framp"]
+    others = [(k, rs) for k, rs in rows.items() if k[0] != "framp"]
+    if not framp or not others:
+        return []
+    cols = [(split, b) for split in ("local", "union") for b in BUDGETS]
+    table, sentences = [], []
+    for (method, label), rs in framp:
+        cells, ahead, behind, close = [_row_name(method, label), str(len(rs))], {}, {}, []
+        for split, b in cols:
+            m, sd, n = mean_std([_final(r, split, b) for r in rs])
+            best = None
+            for (om, ol), ors in others:
+                om_, osd, on = mean_std([_final(r, split, b) for r in ors])
+                if on and (best is None or om_ > best[0]):
+                    best = (om_, osd, _row_name(om, ol))
+            if n == 0 or best is None:
+                cells.append("–")
+                continue
+            diff = 100 * (m - best[0])
+            noise = 100 * max(sd or 0.0, best[1] or 0.0)
+            within = abs(diff) < noise
+            mark = "~" if within else ""
+            cells.append(f"{'**' if diff > 0 else ''}{diff:+.2f}{mark}{'**' if diff > 0 else ''} "
+                         f"({best[2]})")
+            (ahead if diff > 0 else behind).setdefault(split, []).append(b)
+            if within:
+                close.append(f"{split.capitalize()} {b}")
+        table.append(cells)
+        parts = []
+        for split in ("local", "union"):
+            a, bh = ahead.get(split, []), behind.get(split, [])
+            name = lambda bs: ", ".join("the mean" if x == "mean" else x for x in bs)
+            parts.append(f"on {split.capitalize()} it is ahead of every other method at "
+                         f"{name(a) if a else 'no budget'}"
+                         + (f" and not ahead at {name(bh)}" if bh else ""))
+        sentences.append(f"- **{_row_name(method, label)}**: " + "; ".join(parts) + "."
+                         + (f" Within one seed std (`~`): {', '.join(close)}." if close else ""))
+    return (["FRAMP against the best other method of this setting (points: FRAMP's mean minus "
+             "the highest mean of any non-FRAMP method in the column, that method in brackets; "
+             "bold where FRAMP is ahead; `~` where the gap is smaller than the larger of the two "
+             "sample stds over seeds):", ""]
+            + _table(["FRAMP (variant)", "n"] + [f"{s.capitalize()} {b}" for s, b in cols], table)
+            + [""] + sentences + [""])
+
+
 def _acc_header(first="method (variant)"):
     return ([first, "n", "seeds"] + [f"Local {b}" for b in BUDGETS]
             + [f"Union {b}" for b in BUDGETS])
@@ -515,6 +563,7 @@ def write_report(paths: Sequence[str], out_dir: str) -> str:
                      [cells + [c["data"], _commits(rs), ", ".join(r["name"] for r in rs)]
                       for cells, rs in zip(_accuracy_rows(rows), rows.values())])
         md += [""] + _reference_lines(rows, first["config"] or {}) + [""]
+        md += _framp_vs_others(rows)
         if any(_final(r, "unseen/local", "mean") is not None for rs in rows.values() for r in rs):
             md += ["Unseen clients (held out of training, evaluated zero-shot):", ""]
             md += _table(_acc_header(), [cells for cells, rs in zip(

@@ -390,3 +390,28 @@ def test_report_score_and_diagnostics_table(tmp_path):
     assert row[col["Union, classes absent"]] == "–"
     plain = _table_row(md, "framp", after="Score and diagnostics")
     assert plain[col["score"]] == "30.00" and plain[col["cos same budget"]] == "–"
+
+
+def test_report_says_where_framp_is_ahead_of_every_other_method(tmp_path):
+    runs = tmp_path / "runs"
+    for s, (lm, um) in enumerate([(0.40, 0.5), (0.50, 0.6)]):   # 45 ± 7.07, 55 ± 7.07
+        _fake_run(runs, f"fedavg_s{s}", "fedavg", s, lm, um)
+    for s, lm in enumerate([0.6, 0.7]):                          # 65 ± 7.07, Local 1: 80
+        _fake_run(runs, f"framp_s{s}", "framp", s, lm, 0.25, local_1=0.8)
+    for s, lm in enumerate([0.45, 0.55]):                        # 50 ± 7.07: +5 within noise
+        _fake_run(runs, f"frampb_s{s}", "framp", s, lm, 0.25, framp={"base": "fedavg"})
+    md = Path(REP.write_report([str(runs)], str(tmp_path / "rep"))).read_text()
+    after = "FRAMP against the best other method"
+    header = _table_row(md, "FRAMP (variant)", after=after)
+    col = {h: i for i, h in enumerate(header)}
+    row = _table_row(md, "framp", after=after)
+    assert row[col["Local mean"]] == "**+20.00** (fedavg)"
+    assert row[col["Local 1"]] == "**+30.00** (fedavg)"
+    assert row[col["Local 1/64"]] == "+0.00 (fedavg)"          # a tie is not ahead
+    assert row[col["Union mean"]] == "-30.00 (fedavg)"
+    rowb = _table_row(md, "framp (framp.base=fedavg)", after=after)
+    assert rowb[col["Local mean"]] == "**+5.00~** (fedavg)"
+    assert ("- **framp**: on Local it is ahead of every other method at 1, the mean and not "
+            "ahead at 1/64, 1/16, 1/4; on Union it is ahead of every other method at no budget "
+            "and not ahead at 1/64, 1/16, 1/4, 1, the mean.") in md
+    assert "Within one seed std (`~`): Local mean." in md
