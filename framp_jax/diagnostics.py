@@ -98,7 +98,7 @@ def make_diagnostics(alg, ctx, eval_batch: int, model_chunk: int = 0):
             covered[ids] = True
             stacks.append(stack)
             client_models.append((ids, models))
-        class_total = jnp.sum(jax.nn.one_hot(uy, k, dtype=jnp.int32), 0)  # labels < 0: none
+        class_total = union_class_totals(uy, k)
         cg, comp = client_gram(stacks, client_models, n)
         out = {"correct": correct, "covered": jnp.asarray(covered), "class_total": class_total,
                "label_counts": data.label_counts, "gram": cg, "comparable": jnp.asarray(comp)}
@@ -115,6 +115,12 @@ def make_diagnostics(alg, ctx, eval_batch: int, model_chunk: int = 0):
                                   r["gram"], r["comparable"], r.get("gen_gram"), r["covered"])
 
     return diagnose
+
+
+def union_class_totals(uy, num_classes: int):
+    """Union samples per true class, int32 ``[num_classes]``: over every label of ``uy`` (images:
+    ``[n]``; graphs: ``[clients, padded nodes]``), labels < 0 (not test nodes, padding) left out."""
+    return jnp.sum(jax.nn.one_hot(jnp.reshape(uy, (-1,)), num_classes, dtype=jnp.int32), 0)
 
 
 def _nanmean(x):

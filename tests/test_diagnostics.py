@@ -261,3 +261,15 @@ def test_run_records_diag_metrics(tiny_config, tmp_path):
         assert -1.0 <= r["diag/cos_cross_budget"] < 1.0
         present = [r[f"diag/union_present/{s}"] for s in labels]
         assert all(0.0 <= x <= 1.0 for x in present)
+
+
+def test_union_class_totals_images_and_graph_label_grids():
+    from framp_jax.diagnostics import union_class_totals
+    # images: a flat label vector
+    np.testing.assert_array_equal(np.asarray(union_class_totals(jnp.array([0, 2, 2, 1, 2]), 4)),
+                                  [1, 1, 3, 0])
+    # graphs: [clients, padded nodes], -1 = not a test node / padding
+    uy = jnp.array([[0, -1, 3, 3], [-1, -1, 1, 0], [2, 2, 2, -1]])
+    want = np.bincount(np.asarray(uy)[np.asarray(uy) >= 0], minlength=4)
+    np.testing.assert_array_equal(np.asarray(union_class_totals(uy, 4)), want)
+    assert want.tolist() == [2, 1, 3, 2]

@@ -235,6 +235,29 @@ def test_short_cora_run(tmp_path, method):
         assert float(last["union/1"]) > 0
 
 
+@needs_cora
+@pytest.mark.parametrize("framp_opts", [{}, {"base": "fedavg", "residual_head": False}])
+def test_short_cora_framp_run_with_diagnostics(tmp_path, framp_opts):
+    """config.diagnostics on a graph run (union labels are a [clients, nodes] grid): the Union
+    split into present/absent classes and the cosines are recorded, also for framp.base."""
+    from framp_jax.rundir import read_metrics_csv
+    from framp_jax.simulate import run
+    c = _preset("framp_cora")
+    c.data_dir = str(SHARED)
+    c.rounds, c.eval_every, c.local_steps, c.gcn_hidden = 2, 1, 2, 16
+    c.diagnostics = True
+    for k, v in framp_opts.items():
+        c.framp[k] = v
+    res = run(c, str(tmp_path), progress=False, log=lambda *a: None)
+    assert res["compiles"] == 1
+    rows = read_metrics_csv(str(tmp_path / "metrics.csv"))
+    assert len(rows) == 2
+    for r in rows:
+        for name in ("union_present", "union_absent"):
+            assert 0.0 <= r[f"diag/{name}/mean"] <= 1.0
+        assert -1.0 <= r["diag/cos_same_budget"] <= 1.0 + 1e-6
+
+
 def test_fedproto_alignment_ignores_unlabelled_nodes():
     """Graph clients' non-train/padding nodes carry label -1: they add nothing to the FedProto
     alignment term and do not count in its denominator (protos[-1] would otherwise pull them to
