@@ -30,12 +30,13 @@ import argparse
 import ast
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_round import _cpu_model  # noqa: E402  (benchmarks/ is not a package)
 CONFIGS = os.path.join(ROOT, "experiments", "configs")
 METHODS = ("fedavg", "local", "fiarse", "heterofl", "fedrolex", "scalefl", "framp", "framp_width")
 
@@ -72,17 +73,6 @@ def apply_sets(c, sets):
             raise SystemExit(f"--set {key}: no such config field")
         node[last] = value
     return c
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def measure(method: str, sets, reps: int, warmup: int, log=print) -> dict:
