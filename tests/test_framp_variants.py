@@ -195,7 +195,7 @@ def test_committed_runs_keep_their_hash():
     from framp_jax.sweep import _load_preset
     root = os.path.join(os.path.dirname(__file__), "..")
     for run, preset in (("results/sweeps/cifar10_cpu/fedavg_seed0", "fedavg_cifar10_cpu.py"),
-                        ("results/sweeps/cora/framp_seed1", "framp_cora.py")):
+                        ("results/sweeps/cora/framp_spec_seed1", "framp_cora_spec.py")):
         stored = json.load(open(os.path.join(root, run, "config.json")))
         c = _load_preset(os.path.join(root, "experiments/configs", preset))
         c.seed = stored["seed"]

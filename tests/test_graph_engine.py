@@ -183,8 +183,8 @@ def test_graph_config_validation():
     keys = ("dataset", "seed", "graph_split_seed", "num_clients", "clients_per_round", "rounds",
             "local_steps", "lr", "weight_decay", "dropout", "budget_levels", "budget_dist")
     ref = _preset("fedavg_cora")
-    for name in ("local_cora", "framp_cora", "fiarse_cora", "scalefl_cora", "heterofl_cora",
-                 "fedrolex_cora"):
+    for name in ("local_cora", "framp_cora", "framp_cora_spec", "fiarse_cora", "scalefl_cora",
+                 "heterofl_cora", "fedrolex_cora"):
         c = _preset(name)
         # FIARSE refuses weight decay (pruned entries would move and count as trained)
         same = [k for k in keys if not (name == "fiarse_cora" and k == "weight_decay")]
@@ -236,18 +236,18 @@ def test_short_cora_run(tmp_path, method):
 
 
 @needs_cora
-@pytest.mark.parametrize("framp_opts", [{}, {"base": "fedavg", "residual_head": False}])
-def test_short_cora_framp_run_with_diagnostics(tmp_path, framp_opts):
+@pytest.mark.parametrize("preset", ["framp_cora_spec", "framp_cora"])
+def test_short_cora_framp_run_with_diagnostics(tmp_path, preset):
     """config.diagnostics on a graph run (union labels are a [clients, nodes] grid): the Union
-    split into present/absent classes and the cosines are recorded, also for framp.base."""
+    split into present/absent classes and the cosines are recorded, for SPEC's FRAMP and for the
+    preset (framp.base="fedavg", shared head)."""
     from framp_jax.rundir import read_metrics_csv
     from framp_jax.simulate import run
-    c = _preset("framp_cora")
+    c = _preset(preset)
     c.data_dir = str(SHARED)
     c.rounds, c.eval_every, c.local_steps, c.gcn_hidden = 2, 1, 2, 16
     c.diagnostics = True
-    for k, v in framp_opts.items():
-        c.framp[k] = v
+    assert (c.framp.base == "fedavg") == (preset == "framp_cora")
     res = run(c, str(tmp_path), progress=False, log=lambda *a: None)
     assert res["compiles"] == 1
     rows = read_metrics_csv(str(tmp_path / "metrics.csv"))

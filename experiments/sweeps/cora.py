@@ -1,4 +1,5 @@
-"""Cora (10 METIS subgraph clients): every method's *_cora preset x seeds 0, 1, 2.
+"""Cora (10 METIS subgraph clients): every method's *_cora preset (FRAMP also as SPEC documents
+it, ``framp_spec``) x seeds 0, 1, 2.
 
     framp-jax sweep --sweep experiments/sweeps/cora.py --workdir runs/cora
 """
@@ -7,7 +8,9 @@ from framp_jax.sweep import grid
 
 
 def variants():
-    return {m: f"../configs/{m}_cora.py" for m in METHODS}
+    v = {m: f"../configs/{m}_cora.py" for m in METHODS}
+    v["framp_spec"] = "../configs/framp_cora_spec.py"
+    return v
 
 
 def get_sweep():

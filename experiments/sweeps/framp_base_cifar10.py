@@ -9,7 +9,7 @@ global top-k extraction, prototype alignment). Beside it, SPEC's default FRAMP w
 diagnostics (Union split into classes present/absent in the client's data, cosine similarity of
 the clients' generated models). ``framp.residual_head=False`` (ours) keeps the base's
 classifier for every client (the residual personalises the feature extractor only). Everything
-else is ``framp_cifar10_cpu.py``.
+else is SPEC's FRAMP, ``framp_cifar10_cpu_spec.py``.
 
 Selection criterion, declared before any of these runs: score = (Local mean + Union mean) / 2
 of results.json "final", averaged over seeds 0, 1, 2; a variant replaces the preset default
@@ -19,7 +19,7 @@ only if its score beats the default's.
 """
 from framp_jax.sweep import grid
 
-PRESET = "../configs/framp_cifar10_cpu.py"
+PRESET = "../configs/framp_cifar10_cpu_spec.py"
 
 
 def variants():

@@ -6,7 +6,8 @@ The candidate, fixed before any of these runs: ``framp.base="fedavg"`` with
 ``framp.residual_head=False`` (ours: the generated model is base + 0.1 x (HN(d_i) - offset) on
 the feature extractor, every client gets the shared base's classifier; see
 ``framp_base_cifar10.py``), the best 3-seed score on CIFAR-10 when this file was written.
-Everything else is the setting's FRAMP preset. Criterion as on CIFAR-10: score = (Local mean +
+Everything else is the setting's SPEC FRAMP preset (``*_spec.py``); the FRAMP presets
+``framp_cora.py`` and ``framp_cifar10_cpu.py`` now hold this configuration. Criterion as on CIFAR-10: score = (Local mean +
 Union mean) / 2 of results.json "final", averaged over seeds 0, 1, 2.
 
     framp-jax sweep --sweep experiments/sweeps/framp_confirm.py --workdir runs/framp_confirm
@@ -17,8 +18,8 @@ CHOSEN = {"framp.base": "fedavg", "framp.residual_head": False}
 
 
 def get_sweep():
-    cora = grid({"cora_framp_base_sharedhead": ("../configs/framp_cora.py", CHOSEN)},
+    cora = grid({"cora_framp_base_sharedhead": ("../configs/framp_cora_spec.py", CHOSEN)},
                 seeds=(0, 1, 2), common={"diagnostics": True})
-    c100 = grid({"c100a005_framp_base_sharedhead": ("../configs/framp_cifar10_cpu.py", CHOSEN)},
+    c100 = grid({"c100a005_framp_base_sharedhead": ("../configs/framp_cifar10_cpu_spec.py", CHOSEN)},
                 seeds=(0, 1, 2), common={"dataset": "cifar100", "alpha": 0.05, "diagnostics": True})
     return cora + c100
