@@ -234,7 +234,8 @@ def group_runs(runs: Sequence[dict]) -> "OrderedDict[tuple, OrderedDict[tuple, l
     """``{setting key: {(method, variant label): [runs]}}``: CIFAR-10, CIFAR-100, Cora, CiteSeer,
     then other data sets; rows in the order their runs are found.
     The variant label names the config fields (besides seed) where a run differs from the most
-    common value among the runs of its method in the setting; runs with the same config and seed as an earlier one are dropped."""
+    common value among the runs of its method in the setting, and the fields added to the config
+    later (``simulate.HASH_STABLE_DEFAULTS``) where it differs from their default; runs with the same config and seed as an earlier one are dropped."""
     from framp_jax.simulate import HASH_STABLE_DEFAULTS
     settings: OrderedDict = OrderedDict()
     for r in runs:
@@ -253,7 +254,11 @@ def group_runs(runs: Sequence[dict]) -> "OrderedDict[tuple, OrderedDict[tuple, l
             fields = [_variant_fields(r) for r in mrs]
             # fields every run records (a field added to the config later is no difference)
             keys = sorted(set.intersection(*(set(f) for f in fields)))
-            varying = [k for k in keys if len({repr(f.get(k)) for f in fields}) > 1]
+            # a field added to the config later is also named wherever it is off its default,
+            # even when every run of the method shares that value (e.g. only framp.base runs)
+            varying = [k for k in keys if len({repr(f.get(k)) for f in fields}) > 1
+                       or (k in HASH_STABLE_DEFAULTS
+                           and any(repr(f.get(k)) != repr(HASH_STABLE_DEFAULTS[k]) for f in fields))]
             mode = {k: Counter(repr(f.get(k)) for f in fields).most_common(1)[0][0]
                     for k in varying}
             # a field added later is labelled where it differs from its default (the value every

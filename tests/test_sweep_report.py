@@ -390,6 +390,11 @@ def test_report_score_and_diagnostics_table(tmp_path):
     assert row[col["Union, classes absent"]] == "–"
     plain = _table_row(md, "framp", after="Score and diagnostics")
     assert plain[col["score"]] == "30.00" and plain[col["cos same budget"]] == "–"
+    # ... also where every run of the method shares that value (no plain "framp" row to differ from)
+    md2 = Path(REP.write_report([str(runs / "framp_base_s0"), str(runs / "framp_base_s1")],
+                                str(tmp_path / "rep2"))).read_text()
+    assert _table_row(md2, "framp (framp.base=fedavg)")[1] == "2"
+    assert "| framp |" not in md2
 
 
 def test_report_says_where_framp_is_ahead_of_every_other_method(tmp_path):
