@@ -383,16 +383,21 @@ def _framp_vs_others(rows) -> list[str]:
     if not framp or not others:
         return []
     cols = [(split, b) for split in ("local", "union") for b in BUDGETS]
+    best_of = {}  # column -> (mean, std, row name) of the best non-FRAMP row, None if none
+    for col in cols:
+        best = None
+        for (om, ol), ors in others:
+            om_, osd, on = mean_std([_final(r, *col) for r in ors])
+            if on and (best is None or om_ > best[0]):
+                best = (om_, osd, _row_name(om, ol))
+        best_of[col] = best
+    name = lambda bs: ", ".join("the mean" if x == "mean" else x for x in bs)
     table, sentences = [], []
     for (method, label), rs in framp:
         cells, ahead, behind, close = [_row_name(method, label), str(len(rs))], {}, {}, []
         for split, b in cols:
             m, sd, n = mean_std([_final(r, split, b) for r in rs])
-            best = None
-            for (om, ol), ors in others:
-                om_, osd, on = mean_std([_final(r, split, b) for r in ors])
-                if on and (best is None or om_ > best[0]):
-                    best = (om_, osd, _row_name(om, ol))
+            best = best_of[(split, b)]
             if n == 0 or best is None:
                 cells.append("–")
                 continue
@@ -409,7 +414,6 @@ def _framp_vs_others(rows) -> list[str]:
         parts = []
         for split in ("local", "union"):
             a, bh = ahead.get(split, []), behind.get(split, [])
-            name = lambda bs: ", ".join("the mean" if x == "mean" else x for x in bs)
             parts.append(f"on {split.capitalize()} it is ahead of every other method at "
                          f"{name(a) if a else 'no budget'}"
                          + (f" and not ahead at {name(bh)}" if bh else ""))
