@@ -273,3 +273,28 @@ def test_union_class_totals_images_and_graph_label_grids():
     want = np.bincount(np.asarray(uy)[np.asarray(uy) >= 0], minlength=4)
     np.testing.assert_array_equal(np.asarray(union_class_totals(uy, 4)), want)
     assert want.tolist() == [2, 1, 3, 2]
+
+
+@pytest.mark.parametrize("method", ["fedavg", "framp"])
+def test_diagnostics_leave_training_unchanged(tiny_config, tmp_path, method):
+    """Recording the diagnostics only adds metrics: every training loss and every accuracy of a
+    run equals, bit for bit, that of the same run without them (so a run with diagnostics stands
+    for the run without, as the sweeps' FRAMP rows do)."""
+    rows = {}
+    for diag in (False, True):
+        c = tiny_config(rounds=3, method=method, diagnostics=diag)
+        if method == "framp":
+            c.framp.base = "fedavg"
+            c.framp.residual_head = False
+        wd = str(tmp_path / f"{method}_{diag}")
+        res = simulate.run(c, wd, progress=False, log=lambda *a, **k: None)
+        rows[diag] = (read_metrics_csv(os.path.join(wd, "metrics.csv")), res["final"])
+    (plain, plain_final), (diag_rows, diag_final) = rows[False], rows[True]
+    assert plain_final == diag_final
+    assert len(plain) == len(diag_rows) == 3
+    for a, b in zip(plain, diag_rows):
+        assert any(k.startswith("diag/") for k in b) and not any(k.startswith("diag/") for k in a)
+        for k, v in a.items():
+            if k.endswith("_s") or "time" in k or "wall" in k:
+                continue  # timings
+            assert b[k] == v, k

@@ -17,6 +17,11 @@ def variants():
     # FIARSE also records the mask-reuse counts for the report's CDF (Fig. 1); recording leaves
     # the training computation unchanged.
     v["fiarse"] = (v["fiarse"], {"record_mask_reuse": True})
+    # FRAMP (the preset) also records the design study's diagnostics (issue 14: generated-model
+    # cosine similarity, Union split into present/absent classes); they leave training unchanged
+    # (tests/test_diagnostics.py), so these runs equal framp_base_cifar10's framp_base_sharedhead
+    # and framp_confirm's runs of the same setting, config hash included.
+    v["framp"] = (v["framp"], {"diagnostics": True})
     return v
 
 

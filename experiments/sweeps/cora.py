@@ -10,6 +10,9 @@ from framp_jax.sweep import grid
 def variants():
     v = {m: f"../configs/{m}_cora.py" for m in METHODS}
     v["framp_spec"] = "../configs/framp_cora_spec.py"
+    # FRAMP (the preset) also records the design study's diagnostics, as in cifar10_cpu.py; they
+    # leave training unchanged, so these runs equal framp_confirm's Cora runs, config hash included.
+    v["framp"] = (v["framp"], {"diagnostics": True})
     return v
 
 
