@@ -31,6 +31,9 @@ _distributed.define_flags()  # --distributed, --coordinator_address, --num_proce
 flags.DEFINE_string("sweep", None, "framp-jax sweep: a sweep file, e.g. experiments/sweeps/cora.py "
                     "(framp_jax.sweep); its runs go to --workdir/<run name>.")
 flags.DEFINE_integer("jobs", 1, "framp-jax sweep: runs trained at the same time (processes).")
+flags.DEFINE_string("only", None, "framp-jax sweep: train only the runs whose names match these "
+                    "comma-separated shell patterns, e.g. 'fedavg_*,framp_seed0'; the others are "
+                    "left for a later invocation.")
 flags.DEFINE_string("out", None, "framp-jax report: output directory (REPORT.md and plots).")
 FLAGS = flags.FLAGS
 
@@ -45,9 +48,9 @@ def _sweep_or_report(cmd):
         print(f"report: {write_report(cmd[1:], FLAGS.out)}")
         return
     if len(cmd) != 1 or FLAGS.sweep is None or FLAGS.workdir is None:
-        raise app.UsageError("usage: framp-jax sweep --sweep FILE --workdir DIR [--jobs N]")
+        raise app.UsageError("usage: framp-jax sweep --sweep FILE --workdir DIR [--jobs N] [--only PATTERNS]")
     from framp_jax.sweep import run_sweep
-    out = run_sweep(FLAGS.sweep, FLAGS.workdir, jobs=FLAGS.jobs)
+    out = run_sweep(FLAGS.sweep, FLAGS.workdir, jobs=FLAGS.jobs, only=FLAGS.only)
     if out["failed"]:
         sys.exit(1)
 

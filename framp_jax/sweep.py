@@ -27,10 +27,15 @@ re-running the same command after an interruption (even ``kill -9``) continues w
   goes on (the next invocation tries the run again).
 
 ``<workdir>/sweep.json`` records the sweep (runs, overrides, config hashes, commands).
+
+``--only PATTERN[,PATTERN...]`` (shell-style globs on run names, e.g. ``--only 'fedavg_*,framp_seed0'``)
+trains only the runs it matches, first, in the sweep's order; the others are left untouched for a
+later invocation. A pattern that matches no run is an error that lists the sweep's run names.
 """
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import importlib.util
 import itertools
 import json
@@ -46,6 +51,7 @@ from typing import Any
 from framp_jax.errors import FrampError
 
 __all__ = ["Run", "grid", "ablations", "sibling_module", "load_sweep", "resolve", "run_sweep", "SweepError",
+           "select_runs",
            "run_state", "format_override"]
 
 SWEEP_JSON = "sweep.json"
@@ -312,16 +318,36 @@ class _Status:
             f.write(line + "\n")
 
 
+def select_runs(runs: Sequence[Run], only: str | Sequence[str] | None) -> list[Run]:
+    """The runs whose name matches one of ``only``'s shell-style patterns (a comma-separated string
+    or a sequence), in the sweep's order; all of them when ``only`` is None or empty."""
+    if only is None:
+        return list(runs)
+    pats = [p.strip() for p in (only.split(",") if isinstance(only, str) else only)]
+    pats = [p for p in pats if p]
+    if not pats:
+        return list(runs)
+    names = [r.name for r in runs]
+    for p in pats:
+        if not fnmatch.filter(names, p):
+            shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
+            raise SweepError(f"--only pattern {p!r} matches no run of this sweep; its runs: {shown}")
+    return [r for r in runs if any(fnmatch.fnmatchcase(r.name, p) for p in pats)]
+
+
 def run_sweep(sweep_file: str, workdir: str, jobs: int = 1, log=print,
-              env: Mapping[str, str] | None = None) -> dict:
+              env: Mapping[str, str] | None = None,
+              only: str | Sequence[str] | None = None) -> dict:
     """Runs (or continues) the sweep; returns ``{"done", "failed", "skipped", "runs"}`` counts and
-    the failed runs' errors. See the module docstring."""
+    the failed runs' errors. ``only``: train just the runs matching these name patterns
+    (``--only``; the others count as ``"unselected"``). See the module docstring."""
     from framp_jax.rundir import WorkdirLock, write_json_atomic
     from framp_jax.simulate import config_hash
     if jobs < 1:
         raise SweepError(f"--jobs={jobs} is not allowed: 1 or more processes")
     runs = load_sweep(sweep_file)
     configs = {r.name: resolve(r) for r in runs}  # every run validated before the first starts
+    selected = select_runs(runs, only)
     workdir = os.path.abspath(workdir)
     lock = WorkdirLock(workdir).acquire()  # one sweep per workdir
     try:
@@ -332,7 +358,13 @@ def run_sweep(sweep_file: str, workdir: str, jobs: int = 1, log=print,
             for r in runs]}
         write_json_atomic(os.path.join(workdir, SWEEP_JSON), record)
         status = _Status(workdir)
-        return _schedule(runs, configs, workdir, jobs, log, status, env)
+        unselected = len(runs) - len(selected)
+        if unselected:
+            log(f"sweep: --only selects {len(selected)} of {len(runs)} runs; "
+                f"the other {unselected} are left as they are")
+        out = _schedule(selected, configs, workdir, jobs, log, status, env)
+        out["unselected"] = unselected
+        return out
     finally:
         lock.release()
 

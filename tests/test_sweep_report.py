@@ -420,3 +420,35 @@ def test_report_says_where_framp_is_ahead_of_every_other_method(tmp_path):
             "ahead at 1/64, 1/16, 1/4; on Union it is ahead of every other method at no budget "
             "and not ahead at 1/64, 1/16, 1/4, 1, the mean.") in md
     assert "Within one seed std (`~`): Local mean." in md
+
+
+def test_select_runs_patterns():
+    runs = [S.Run(n, "p.py") for n in ("fedavg_seed0", "fedavg_seed1", "framp_seed0", "framp_spec_seed0")]
+    names = lambda rs: [r.name for r in rs]  # noqa: E731
+    assert names(S.select_runs(runs, None)) == names(runs) == names(S.select_runs(runs, " , "))
+    assert names(S.select_runs(runs, "framp_seed*")) == ["framp_seed0"]
+    # sweep order kept, a run matched by two patterns taken once
+    assert names(S.select_runs(runs, "framp_*, fedavg_seed1,*_seed1")) == [
+        "fedavg_seed1", "framp_seed0", "framp_spec_seed0"]
+    assert names(S.select_runs(runs, ["fedavg_seed?"])) == ["fedavg_seed0", "fedavg_seed1"]
+    with pytest.raises(S.SweepError, match=r"--only pattern 'heterofl_\*' matches no run.*fedavg_seed0"):
+        S.select_runs(runs, "fedavg_*,heterofl_*")
+
+
+def test_sweep_only_trains_the_selected_runs(tiny_npz, tmp_path):
+    """``framp-jax sweep --only``: the selected run is trained, the other left untouched (no
+    directory), and a later invocation without ``--only`` skips the first and trains the second;
+    a pattern matching nothing is one line on stderr and nothing runs."""
+    _write_preset(tmp_path / "tiny.py", tiny_npz, rounds=1)
+    sw = _write_sweep(tmp_path / "sw.py", '{"a": "tiny.py", "b": ("tiny.py", {"lr": 0.05})}')
+    wd = tmp_path / "runs"
+    r = _cli("sweep", "--sweep", sw, "--workdir", str(wd), "--only", "zz*,a_*")
+    assert r.returncode == 2 and "'zz*' matches no run" in r.stderr and not wd.exists(), r.stderr[-2000:]
+    r = _cli("sweep", "--sweep", sw, "--workdir", str(wd), "--only", "a_*", "--noprogress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (wd / "a_seed0" / "results.json").exists() and not (wd / "b_seed0").exists()
+    assert "--only selects 1 of 2 runs" in r.stdout + r.stderr
+    lines = []
+    out = S.run_sweep(sw, str(wd), log=lines.append)
+    assert (out["done"], out["skipped"], out["unselected"]) == (1, 1, 0), out
+    assert _n_starts(wd / "a_seed0") == 1 and _n_starts(wd / "b_seed0") == 1
