@@ -4,12 +4,23 @@ FIARSE, HeteroFL, FedAvg and local-only on the CIFAR-10 CPU setting for 600 roun
 presets), evaluated every 25 rounds, 3 seeds: where each method's Union flattens and where the
 curves cross (``framp-jax report`` plots Local and Union against rounds).
 
+The runs are ``cifar10_cpu.py``'s (same variants and overrides: FIARSE records the mask reuse,
+FRAMP the diagnostics) with more rounds. None of these methods depends on the total number of
+rounds (ScaleFL, whose distillation starts at a fraction of them, is not here), so a finished
+150-round run of ``cifar10_cpu`` continued to round 600 is this sweep's run: copy its directory
+(its final checkpoint is round 150) into this sweep's workdir and the sweep resumes it there
+(tests/test_engine.py: a run continued past its end equals the longer run)::
+
+    for v in framp framp_spec fiarse heterofl fedavg local; do for s in 0 1 2; do
+      [ -d runs/cifar10_cpu/${v}_seed$s/checkpoints ] && cp -a runs/cifar10_cpu/${v}_seed$s runs/framp_convergence_cifar10/; done; done
     framp-jax sweep --sweep experiments/sweeps/framp_convergence_cifar10.py --workdir runs/framp_convergence_cifar10
 """
-from framp_jax.sweep import grid
+from framp_jax.sweep import grid, sibling_module
+
+METHODS = ("framp", "fiarse", "heterofl", "fedavg", "local", "framp_spec")
 
 
 def get_sweep():
-    v = {m: f"../configs/{m}_cifar10_cpu.py" for m in ("framp", "fiarse", "heterofl", "fedavg", "local")}
-    v["framp_spec"] = "../configs/framp_cifar10_cpu_spec.py"
-    return grid(v, seeds=(0, 1, 2), common={"rounds": 600, "checkpoint_every": 50})
+    variants = sibling_module(__file__, "cifar10_cpu.py").variants()
+    return grid({m: variants[m] for m in METHODS}, seeds=(0, 1, 2),
+                common={"rounds": 600, "checkpoint_every": 50})
