@@ -34,6 +34,9 @@ flags.DEFINE_integer("jobs", 1, "framp-jax sweep: runs trained at the same time 
 flags.DEFINE_string("only", None, "framp-jax sweep: train only the runs whose names match these "
                     "comma-separated shell patterns, e.g. 'fedavg_*,framp_seed0'; the others are "
                     "left for a later invocation.")
+flags.DEFINE_bool("status", False, "framp-jax sweep: print each run's state (finished, partial "
+                  "with its latest checkpoint, failed with its last error, new, other) and exit; "
+                  "nothing runs or changes.")
 flags.DEFINE_string("out", None, "framp-jax report: output directory (REPORT.md and plots).")
 FLAGS = flags.FLAGS
 
@@ -48,7 +51,11 @@ def _sweep_or_report(cmd):
         print(f"report: {write_report(cmd[1:], FLAGS.out)}")
         return
     if len(cmd) != 1 or FLAGS.sweep is None or FLAGS.workdir is None:
-        raise app.UsageError("usage: framp-jax sweep --sweep FILE --workdir DIR [--jobs N] [--only PATTERNS]")
+        raise app.UsageError("usage: framp-jax sweep --sweep FILE --workdir DIR [--jobs N] [--only PATTERNS] [--status]")
+    if FLAGS.status:
+        from framp_jax.sweep import format_status, sweep_status
+        print(format_status(sweep_status(FLAGS.sweep, FLAGS.workdir, only=FLAGS.only)))
+        return
     from framp_jax.sweep import run_sweep
     out = run_sweep(FLAGS.sweep, FLAGS.workdir, jobs=FLAGS.jobs, only=FLAGS.only)
     if out["failed"]:

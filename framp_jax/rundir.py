@@ -479,6 +479,34 @@ def _read_lock_owner(fd: int) -> str:
         return "pid and host not yet recorded"
 
 
+def running_owner(workdir: str | os.PathLike) -> str | None:
+    """The live framp-jax process on this host recorded in ``workdir``'s lock file (``"pid N,
+    started T"``), else None. Reads the record only: it never takes the lock, so it cannot make a
+    starting run fail. A record of another host is not checked (None)."""
+    path = os.path.join(os.fspath(workdir), LOCK_NAME)
+    try:
+        with open(path) as f:
+            rec = json.loads(f.read() or "{}")
+        pid, host = int(rec["pid"]), str(rec["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if host != (socket.gethostname() or "localhost"):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"framp" not in f.read():
+                return None  # the pid was reused by an unrelated process
+    except OSError:
+        pass  # no /proc: trust the live pid
+    return f"pid {pid}, started {rec.get('started', '?')}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Config comparison (resume)
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ re-running the same command after an interruption (even ``kill -9``) continues w
 ``--only PATTERN[,PATTERN...]`` (shell-style globs on run names, e.g. ``--only 'fedavg_*,framp_seed0'``)
 trains only the runs it matches, first, in the sweep's order; the others are left untouched for a
 later invocation. A pattern that matches no run is an error that lists the sweep's run names.
+``--status`` prints each run's state (finished / running / partial, with its latest checkpoint /
+failed, with its last error / new / other) and changes nothing.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ from typing import Any
 from framp_jax.errors import FrampError
 
 __all__ = ["Run", "grid", "ablations", "sibling_module", "load_sweep", "resolve", "run_sweep", "SweepError",
-           "select_runs",
+           "select_runs", "sweep_status", "format_status",
            "run_state", "format_override"]
 
 SWEEP_JSON = "sweep.json"
@@ -450,6 +452,48 @@ def _record_failure(rundir, name, msg, status, log):
     status.write(name, "failed", msg)
     log_file = os.path.join(rundir, TRAIN_LOG)
     log(f"sweep: {name} FAILED: {msg}" + (f" (log: {log_file})" if os.path.exists(log_file) else ""))
+
+
+def sweep_status(sweep_file: str, workdir: str, only: str | Sequence[str] | None = None
+                 ) -> list[dict]:
+    """What each (selected) run of the sweep would do now, read from ``workdir`` without changing
+    anything (``framp-jax sweep --status``): ``{"name", "state", "detail"}`` with ``state`` one
+    of ``finished``, ``partial`` (detail: its latest checkpoint round of the run's rounds),
+    ``new``, ``other`` (a finished run of another config: detail says what changed),
+    ``running`` (a live process on this host holds its workdir: detail names it) and ``failed``
+    (its error.txt from the last attempt; it is retried)."""
+    from framp_jax.rundir import running_owner
+    runs = select_runs(load_sweep(sweep_file), only)
+    out = []
+    for r in runs:
+        c = resolve(r)
+        rd = os.path.join(os.path.abspath(workdir), r.name)
+        state, detail = run_state(rd, c)
+        if state == "partial":
+            ck = os.path.join(rd, "checkpoints")
+            done = max(int(n) for n in os.listdir(ck) if n.isdigit())
+            detail = f"checkpoint at round {done} of {int(c.rounds)}"
+        owner = running_owner(rd) if state in ("partial", "new") else None
+        if owner is not None:
+            state, detail = "running", f"{owner}" + (f"; {detail}" if detail else "")
+        elif state in ("partial", "new") and os.path.exists(os.path.join(rd, ERROR_TXT)):
+            with open(os.path.join(rd, ERROR_TXT), errors="replace") as f:
+                err = " ".join(f.read().split())
+            state, detail = "failed", (f"{detail}; " if detail else "") + f"last error: {err}"
+        out.append({"name": r.name, "state": state, "detail": detail})
+    return out
+
+
+def format_status(rows: Sequence[Mapping[str, str]]) -> str:
+    """``sweep_status`` as text: one line per run, then the counts per state."""
+    width = max((len(r["name"]) for r in rows), default=4)
+    lines = [f"{r['name']:<{width}}  {r['state']:<8}  {r['detail']}".rstrip() for r in rows]
+    counts = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    order = ("finished", "running", "partial", "failed", "new", "other")
+    lines.append(f"{len(rows)} runs: " + ", ".join(f"{counts[k]} {k}" for k in order if k in counts))
+    return "\n".join(lines)
 
 
 def validate_sweep(sweep_file: str) -> list[tuple[Run, Any]]:

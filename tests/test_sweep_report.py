@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -452,3 +453,63 @@ def test_sweep_only_trains_the_selected_runs(tiny_npz, tmp_path):
     out = S.run_sweep(sw, str(wd), log=lines.append)
     assert (out["done"], out["skipped"], out["unselected"]) == (1, 1, 0), out
     assert _n_starts(wd / "a_seed0") == 1 and _n_starts(wd / "b_seed0") == 1
+
+
+def test_sweep_status_reads_every_state_and_changes_nothing(tiny_npz, tmp_path):
+    """``framp-jax sweep --status`` without training: finished, other (a finished run of another
+    config), partial (latest checkpoint named), failed (its error.txt), running (a live process
+    recorded in the run's lock file; a dead pid is not running) and new."""
+    from framp_jax.rundir import LOCK_NAME
+    from framp_jax.simulate import config_hash
+    _write_preset(tmp_path / "tiny.py", tiny_npz)
+    names = ("fin", "oth", "part", "bad", "run", "dead", "new")
+    sw = _write_sweep(tmp_path / "sw.py", "{" + ", ".join(f'"{n}": "tiny.py"' for n in names) + "}")
+    wd = tmp_path / "runs"
+    runs = {r.name: r for r in S.load_sweep(sw)}
+    for name, lr in (("fin_seed0", None), ("oth_seed0", 0.123)):
+        c = S.resolve(runs[name])
+        cfg = json.loads(c.to_json_best_effort())
+        if lr is not None:
+            cfg["lr"] = lr
+        cfg["_resolved"] = {"config_hash": config_hash(c)}
+        (wd / name).mkdir(parents=True)
+        (wd / name / "config.json").write_text(json.dumps(cfg))
+        (wd / name / "results.json").write_text(json.dumps({"rounds": c.rounds, "final": {}}))
+    for name in ("part_seed0", "run_seed0"):
+        for r in (2, 4):
+            (wd / name / "checkpoints" / str(r)).mkdir(parents=True)
+    (wd / "bad_seed0").mkdir()
+    (wd / "bad_seed0" / S.ERROR_TXT).write_text("data file corrupt\n")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "framp-test"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass", "framp-test"])
+    dead.wait()
+    try:
+        host = socket.gethostname() or "localhost"
+        for name, pid in (("run_seed0", sleeper.pid), ("dead_seed0", dead.pid)):
+            (wd / name).mkdir(exist_ok=True)
+            (wd / name / LOCK_NAME).write_text(json.dumps({"pid": pid, "host": host,
+                                                           "started": "T0"}))
+        before = sorted(str(p) for p in wd.rglob("*"))
+        rows = {r["name"]: r for r in S.sweep_status(sw, str(wd))}
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert sorted(str(p) for p in wd.rglob("*")) == before  # nothing created or removed
+    got = {n: rows[n]["state"] for n in rows}
+    assert got == {"fin_seed0": "finished", "oth_seed0": "other", "part_seed0": "partial",
+                   "bad_seed0": "failed", "run_seed0": "running", "dead_seed0": "new",
+                   "new_seed0": "new"}
+    c = S.resolve(runs["part_seed0"])
+    assert rows["part_seed0"]["detail"] == f"checkpoint at round 4 of {c.rounds}"
+    assert rows["run_seed0"]["detail"] == (f"pid {sleeper.pid}, started T0; "
+                                           f"checkpoint at round 4 of {c.rounds}")
+    assert rows["bad_seed0"]["detail"] == "last error: data file corrupt"
+    assert "lr: 0.123 -> 0.3" in rows["oth_seed0"]["detail"]
+    text = S.format_status(list(rows.values()))
+    assert text.splitlines()[-1] == ("7 runs: 1 finished, 1 running, 1 partial, 1 failed, 2 new, "
+                                     "1 other")
+    assert [S.sweep_status(sw, str(wd), only="fin_*")[0]["state"]] == ["finished"]
+    r = _cli("sweep", "--sweep", sw, "--workdir", str(wd), "--status", "--only", "part_*,new_*")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines() == [f"part_seed0  partial   checkpoint at round 4 of {c.rounds}",
+                                     "new_seed0   new", "2 runs: 1 partial, 1 new"]
