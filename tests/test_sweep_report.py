@@ -130,12 +130,25 @@ def _n_starts(rundir: Path) -> int:
     return sum(ln.startswith("# ") for ln in log.read_text().splitlines()) if log.exists() else 0
 
 
+def _fake_finished(rundir: Path, c, lr=None, **fields):
+    """A finished run directory of config ``c`` without training: config.json (with ``lr`` and
+    ``fields`` changed in it, the config hash recorded as ``c``'s) and results.json."""
+    from framp_jax.simulate import config_hash
+    cfg = json.loads(c.to_json_best_effort())
+    cfg.update(fields)
+    if lr is not None:
+        cfg["lr"] = lr
+    cfg["_resolved"] = {"config_hash": config_hash(c)}
+    rundir.mkdir(parents=True)
+    (rundir / "config.json").write_text(json.dumps(cfg))
+    (rundir / "results.json").write_text(json.dumps({"rounds": c.rounds, "final": {}}))
+
+
 def test_sweep_skips_a_finished_run_and_records_a_failed_one(tiny_npz, tmp_path):
     """Without training: a run directory holding results.json of the same config is skipped
     (also with another data_dir, which is not in the config hash), one of another config is
     refused, and a run whose data turn out corrupt after validation fails with its error
     recorded while the sweep goes on."""
-    from framp_jax.simulate import config_hash
     _write_preset(tmp_path / "tiny.py", tiny_npz)
     corrupt = tmp_path / "corrupt.npz"
     corrupt.write_bytes(b"not a zip file")
@@ -144,15 +157,7 @@ def test_sweep_skips_a_finished_run_and_records_a_failed_one(tiny_npz, tmp_path)
     wd = tmp_path / "runs"
     runs = {r.name: r for r in S.load_sweep(sw)}
     for name, lr in (("done_seed0", None), ("other_seed0", 0.123)):
-        c = S.resolve(runs[name])
-        cfg = json.loads(c.to_json_best_effort())
-        cfg["data_dir"] = "/elsewhere"
-        if lr is not None:
-            cfg["lr"] = lr
-        cfg["_resolved"] = {"config_hash": config_hash(c)}
-        (wd / name).mkdir(parents=True)
-        (wd / name / "config.json").write_text(json.dumps(cfg))
-        (wd / name / "results.json").write_text(json.dumps({"rounds": c.rounds, "final": {}}))
+        _fake_finished(wd / name, S.resolve(runs[name]), lr, data_dir="/elsewhere")
     mtime = (wd / "done_seed0" / "results.json").stat().st_mtime_ns
     lines = []
     out = S.run_sweep(sw, str(wd), jobs=2, log=lines.append)
@@ -460,21 +465,13 @@ def test_sweep_status_reads_every_state_and_changes_nothing(tiny_npz, tmp_path):
     config), partial (latest checkpoint named), failed (its error.txt), running (a live process
     recorded in the run's lock file; a dead pid is not running) and new."""
     from framp_jax.rundir import LOCK_NAME
-    from framp_jax.simulate import config_hash
     _write_preset(tmp_path / "tiny.py", tiny_npz)
     names = ("fin", "oth", "part", "bad", "run", "dead", "new")
     sw = _write_sweep(tmp_path / "sw.py", "{" + ", ".join(f'"{n}": "tiny.py"' for n in names) + "}")
     wd = tmp_path / "runs"
     runs = {r.name: r for r in S.load_sweep(sw)}
     for name, lr in (("fin_seed0", None), ("oth_seed0", 0.123)):
-        c = S.resolve(runs[name])
-        cfg = json.loads(c.to_json_best_effort())
-        if lr is not None:
-            cfg["lr"] = lr
-        cfg["_resolved"] = {"config_hash": config_hash(c)}
-        (wd / name).mkdir(parents=True)
-        (wd / name / "config.json").write_text(json.dumps(cfg))
-        (wd / name / "results.json").write_text(json.dumps({"rounds": c.rounds, "final": {}}))
+        _fake_finished(wd / name, S.resolve(runs[name]), lr)
     for name in ("part_seed0", "run_seed0"):
         for r in (2, 4):
             (wd / name / "checkpoints" / str(r)).mkdir(parents=True)
