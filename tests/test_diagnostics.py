@@ -275,7 +275,7 @@ def test_union_class_totals_images_and_graph_label_grids():
     assert want.tolist() == [2, 1, 3, 2]
 
 
-@pytest.mark.parametrize("method", ["fedavg", "framp"])
+@pytest.mark.parametrize("method", ["framp"])
 def test_diagnostics_leave_training_unchanged(tiny_config, tmp_path, method):
     """Recording the diagnostics only adds metrics: every training loss and every accuracy of a
     run equals, bit for bit, that of the same run without them (so a run with diagnostics stands

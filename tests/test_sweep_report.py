@@ -441,23 +441,24 @@ def test_select_runs_patterns():
         S.select_runs(runs, "fedavg_*,heterofl_*")
 
 
-def test_sweep_only_trains_the_selected_runs(tiny_npz, tmp_path):
-    """``framp-jax sweep --only``: the selected run is trained, the other left untouched (no
-    directory), and a later invocation without ``--only`` skips the first and trains the second;
-    a pattern matching nothing is one line on stderr and nothing runs."""
-    _write_preset(tmp_path / "tiny.py", tiny_npz, rounds=1)
-    sw = _write_sweep(tmp_path / "sw.py", '{"a": "tiny.py", "b": ("tiny.py", {"lr": 0.05})}')
+def test_sweep_only_runs_just_the_selected_runs(tiny_npz, tmp_path):
+    """``framp-jax sweep --only``: only the selected run is attempted (here one whose data file is
+    corrupt, so it fails fast after validation with its error recorded), the other is left
+    untouched (no directory); a pattern matching nothing is one line on stderr and nothing runs."""
+    _write_preset(tmp_path / "tiny.py", tiny_npz)
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"not a zip file")
+    sw = _write_sweep(tmp_path / "sw.py", f'{{"a": ("tiny.py", {{"dataset": "npz:{corrupt}"}}), '
+                                          '"b": "tiny.py"}')
     wd = tmp_path / "runs"
     r = _cli("sweep", "--sweep", sw, "--workdir", str(wd), "--only", "zz*,a_*")
     assert r.returncode == 2 and "'zz*' matches no run" in r.stderr and not wd.exists(), r.stderr[-2000:]
     r = _cli("sweep", "--sweep", sw, "--workdir", str(wd), "--only", "a_*", "--noprogress")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert (wd / "a_seed0" / "results.json").exists() and not (wd / "b_seed0").exists()
+    assert r.returncode == 1, r.stderr[-3000:]  # the one selected run failed
     assert "--only selects 1 of 2 runs" in r.stdout + r.stderr
-    lines = []
-    out = S.run_sweep(sw, str(wd), log=lines.append)
-    assert (out["done"], out["skipped"], out["unselected"]) == (1, 1, 0), out
-    assert _n_starts(wd / "a_seed0") == 1 and _n_starts(wd / "b_seed0") == 1
+    assert str(corrupt) in (wd / "a_seed0" / S.ERROR_TXT).read_text()
+    assert _n_starts(wd / "a_seed0") == 1 and not (wd / "b_seed0").exists()
+    assert [x["state"] for x in S.sweep_status(sw, str(wd))] == ["failed", "new"]
 
 
 def test_sweep_status_reads_every_state_and_changes_nothing(tiny_npz, tmp_path):
