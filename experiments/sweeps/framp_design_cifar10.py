@@ -11,6 +11,14 @@
 Selection criterion, declared before these runs: score = (Local mean + Union mean) / 2 of
 results.json "final", averaged over seeds 0, 1, 2.
 
+Order of the runs, declared before any of them (54 runs of 20-25 minutes on 2 shared cores do not
+fit one session): first seed 0 of every ablation (``--only '*_seed0'``), then seeds 1 and 2 of
+(a) every ablation whose seed-0 score is at least the chosen preset's seed-0 score minus 2
+points (54.33 - 2 = 52.33; it could change the presets) and (b) every ablation whose seed-0 score differs
+from SPEC's seed 0 (``framp_spec_seed0`` of ``cifar10_cpu.py``, 40.77) by more than 3 points
+(a claimed effect needs 3 seeds); then the rest. A seed-0 score alone is reported as a screen,
+not as a result.
+
     framp-jax sweep --sweep experiments/sweeps/framp_design_cifar10.py --workdir runs/framp_design_cifar10
 """
 from framp_jax.sweep import ablations
