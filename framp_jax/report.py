@@ -24,7 +24,6 @@ import csv
 import json
 import math
 import os
-import re
 import subprocess
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -235,7 +234,9 @@ def group_runs(runs: Sequence[dict]) -> "OrderedDict[tuple, OrderedDict[tuple, l
     then other data sets; rows in the order their runs are found.
     The variant label names the config fields (besides seed) where a run differs from the most
     common value among the runs of its method in the setting, and the fields added to the config
-    later (``simulate.HASH_STABLE_DEFAULTS``) where it differs from their default; runs with the same config and seed as an earlier one are dropped."""
+    later (``simulate.HASH_STABLE_DEFAULTS``) where it differs from their default. Of runs with
+    the same config (fields that only record, such as ``diagnostics``, aside) and seed, one is
+    kept: the one that recorded more (mask reuse, diagnostics), else the first found."""
     from framp_jax.simulate import HASH_STABLE_DEFAULTS
     settings: OrderedDict = OrderedDict()
     for r in runs:
@@ -265,19 +266,33 @@ def group_runs(runs: Sequence[dict]) -> "OrderedDict[tuple, OrderedDict[tuple, l
             # run before it had), not from the most common value
             mode.update({k: repr(HASH_STABLE_DEFAULTS[k]) for k in varying
                          if k in HASH_STABLE_DEFAULTS})
-            seen = set()
+            seen: dict = {}  # ident -> (row key, index in that row)
             for r, f in zip(mrs, fields):
                 shown = [k for k in varying if repr(f.get(k)) != mode[k]]
                 label = ", ".join(f"{k}={_fmt_value(f.get(k))}" for k in shown)
-                ident = (label, tuple(repr(f.get(k)) for k in varying), r["seed"])
+                rkey = (method, label, tuple(repr(f.get(k)) for k in varying))
+                ident = (label, rkey[2], r["seed"])
                 if ident in seen:
+                    # the same training run (fields that only record, e.g. diagnostics or the
+                    # mask reuse, make no variant): keep the copy that recorded more
+                    k0, i0 = seen[ident]
+                    kept = rows[k0][i0]
+                    if _records(r) > _records(kept):
+                        rows[k0][i0], r, kept = r, kept, r
+                        kept.pop("duplicate", None)
                     r["duplicate"] = True
                     continue
-                seen.add(ident)
-                rows.setdefault((method, label, tuple(repr(f.get(k)) for k in varying)),
-                                []).append(r)
+                rows.setdefault(rkey, []).append(r)
+                seen[ident] = (rkey, len(rows[rkey]) - 1)
         out[skey] = OrderedDict(((m, lab), v) for (m, lab, _), v in rows.items())
     return out
+
+
+def _records(run) -> int:
+    """How much a run recorded beyond its accuracies: 1 for the mask-reuse counts, 1 for the
+    diagnostics (config.diagnostics)."""
+    last = (run.get("metrics") or [{}])[-1]
+    return int(bool(run.get("mask_reuse"))) + int(any(k.startswith("diag/") for k in last))
 
 
 def _fmt_value(v) -> str:
@@ -534,8 +549,10 @@ def _diagnostic_rows(rows):
         cells = [_row_name(method, label), str(len(rs)), _cell([run_score(r) for r in rs])]
         for col, _ in DIAG_COLUMNS:
             scale = 100.0 if col.startswith("diag/union") else 1.0
-            cells.append(_cell([_last_metric(r, col) for r in rs], scale=scale,
-                               digits=2 if scale == 100.0 else 3))
+            vals = [_last_metric(r, col) for r in rs]
+            k = sum(v is not None for v in vals)
+            cells.append(_cell(vals, scale=scale, digits=2 if scale == 100.0 else 3)
+                         + (f" (n={k})" if 0 < k < len(rs) else ""))
         out.append(cells)
     return out
 

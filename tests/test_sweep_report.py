@@ -403,6 +403,28 @@ def test_report_score_and_diagnostics_table(tmp_path):
     assert "| framp |" not in md2
 
 
+def test_report_keeps_the_repeat_that_recorded_more(tmp_path):
+    """Runs that differ only in what they record (diagnostics, mask reuse) are one training run:
+    the report keeps, per seed, the copy with the diagnostics even when it is found second, lists
+    the other as a repeat, and marks a diagnostics cell made from fewer seeds than the row's."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for s in (0, 1):
+        _fake_run(a, f"framp_spec_seed{s}", "framp", s, 0.5 + s / 10, 0.2)
+    d = _fake_run(b, "framp_diag_seed0", "framp", 0, 0.5, 0.2,
+                  config={"diagnostics": True, "record_mask_reuse": True})
+    (d / "metrics.csv").write_text("round,local/mean,union/mean,diag/union_present/mean\n"
+                                   "20,0.5,0.2,0.3\n")
+    md = Path(REP.write_report([str(a), str(b)], str(tmp_path / "rep"))).read_text()
+    header = _table_row(md, "method (variant)", after="Score and diagnostics")
+    row = _table_row(md, "framp", after="Score and diagnostics")
+    assert row[1] == "2"
+    assert row[header.index("score")] == "37.50 ± 3.54"  # (0.5+0.2)/2, (0.6+0.2)/2
+    assert row[header.index("Union, classes present")] == "30.00 (n=1)"
+    repeats = next(ln for ln in md.splitlines() if ln.startswith("- Left out as repeats"))
+    assert str(a / "framp_spec_seed0") in repeats and "framp_diag_seed0" not in repeats
+    assert _table_row(md, "framp")[-1] == "framp_diag_seed0, framp_spec_seed1"
+
+
 def test_report_says_where_framp_is_ahead_of_every_other_method(tmp_path):
     runs = tmp_path / "runs"
     for s, (lm, um) in enumerate([(0.40, 0.5), (0.50, 0.6)]):   # 45 ± 7.07, 55 ± 7.07
