@@ -179,6 +179,15 @@ def _leaf_crc(x: Any) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 
 
+def saved_rounds(directory) -> list[int]:
+    """Rounds of the checkpoint directories under ``directory`` (ascending), read from their
+    names alone, without opening orbax: an unfinalized save is a temporary directory whose name
+    is not a round, so it is not listed. [] when ``directory`` does not exist."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
 class CheckpointManager:
     """Keeps the last ``keep`` checkpoints of a run under ``directory`` (one per saved round)."""
 

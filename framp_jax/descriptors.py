@@ -60,7 +60,26 @@ def func_emb_budget(model, ctx, data, steps: int):
     root = jax.random.fold_in(jax.random.key(ctx.seed), 3)
     keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.arange(ctx.num_clients))
     emb = jax.jit(jax.vmap(one))(data.train_x, data.train_y, data.train_count, data.budgets, keys)
+    _warn_zero_embeddings(emb, data.budgets)
     return jnp.concatenate([emb, budget_code(data.budgets)[:, None]], -1)
+
+
+def _warn_zero_embeddings(emb, budgets):
+    """Global top-k of the seed model can prune a whole layer at a small budget (on the CIFAR-10
+    CPU CNN the dense layer is gone at 1/16 and 1/64); those clients' features, and so their
+    embeddings, are all zero, and their descriptor carries the budget code alone."""
+    if isinstance(emb, jax.core.Tracer):
+        return
+    zero = np.flatnonzero(~np.any(np.asarray(emb) != 0, axis=-1))
+    if zero.size:
+        import warnings
+        levels = sorted({float(b) for b in np.asarray(budgets)[zero]}, reverse=True)
+        warnings.warn(
+            f"framp.descriptor='func_emb+budget': {zero.size} of {emb.shape[0]} clients (budgets "
+            f"{', '.join(f'{b:g}' for b in levels)}) have an all-zero functional embedding: the "
+            "top-k submodel of the seed model at their budget has no nonzero feature (a layer "
+            "is pruned whole), so their descriptor is the budget code alone", RuntimeWarning,
+            stacklevel=3)
 
 
 def compute_descriptors(kind, model, ctx, data, func_emb_steps: int = 50,

@@ -126,8 +126,8 @@ def run(c, workdir: str, resume: bool = False, progress: bool = True, log=print,
 
 
 def _has_checkpoint_dirs(workdir) -> bool:
-    d = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+    from framp_jax.checkpoint import saved_rounds
+    return bool(saved_rounds(os.path.join(workdir, "checkpoints")))
 
 
 def _nothing_to_resume(c, workdir) -> str:

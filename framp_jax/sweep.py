@@ -462,6 +462,7 @@ def sweep_status(sweep_file: str, workdir: str, only: str | Sequence[str] | None
     ``new``, ``other`` (a finished run of another config: detail says what changed),
     ``running`` (a live process on this host holds its workdir: detail names it) and ``failed``
     (its error.txt from the last attempt; it is retried)."""
+    from framp_jax.checkpoint import saved_rounds
     from framp_jax.rundir import running_owner
     runs = select_runs(load_sweep(sweep_file), only)
     out = []
@@ -470,8 +471,7 @@ def sweep_status(sweep_file: str, workdir: str, only: str | Sequence[str] | None
         rd = os.path.join(os.path.abspath(workdir), r.name)
         state, detail = run_state(rd, c)
         if state == "partial":
-            ck = os.path.join(rd, "checkpoints")
-            done = max(int(n) for n in os.listdir(ck) if n.isdigit())
+            done = saved_rounds(os.path.join(rd, "checkpoints"))[-1]
             detail = f"checkpoint at round {done} of {int(c.rounds)}"
         owner = running_owner(rd) if state in ("partial", "new") else None
         if owner is not None:

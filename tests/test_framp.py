@@ -285,13 +285,17 @@ def test_unseen_clients_get_zero_shot_models(tiny_npz, tmp_path):
     assert float(jnp.abs(th["classifier"]["kernel"][0] - th["classifier"]["kernel"][1]).max()) > 0
 
 
-@pytest.mark.parametrize("opt", [dict(framp__generate="backbone"), dict(framp__scope="groupwise"),
-                                 dict(framp__mask_grad="fiarse_paper"), dict(framp__align="batch_proto"),
-                                 dict(framp__descriptor="onehot_budget"),
-                                 dict(framp__descriptor="func_emb+budget", framp__func_emb_steps=2),
-                                 dict(framp__eval_mode="finetuned", framp__finetune_steps=2),
-                                 dict(framp__proto_rotation="shared", framp__proto_noise_std=0.1),
-                                 dict(framp__extraction="width")])
+# Options grouped so that every one is compiled and run through simulate.run in the default
+# suite with 3 runs instead of 9 (each tiny run is mostly compile time); each option also has
+# its own value test (test_framp_variants.py, test_official_options.py, the tests above).
+@pytest.mark.parametrize("opt", [
+    dict(framp__generate="backbone", framp__scope="groupwise", framp__align="batch_proto",
+         framp__descriptor="onehot_budget", framp__proto_rotation="shared",
+         framp__proto_noise_std=0.1),
+    dict(framp__mask_grad="fiarse_paper", framp__descriptor="func_emb+budget",
+         framp__func_emb_steps=2, framp__eval_mode="finetuned", framp__finetune_steps=2),
+    dict(framp__extraction="width")], ids=["backbone-groupwise-batchproto-onehot-rotation",
+                                         "fiarsegrad-funcemb-finetuned", "width"])
 def test_options_run(tiny_npz, tmp_path, opt):
     c = tiny_config(tiny_npz, rounds=2, eval_every=2, **opt)
     res = simulate.run(c, str(tmp_path / "o"), progress=False, log=lambda *_: None)

@@ -123,6 +123,34 @@ def test_hist_smoothing_by_hand():
     np.testing.assert_allclose(plain[1, :3], [0.0, 0.0, 0.0])
 
 
+def test_onehot_budget_and_func_emb_descriptors(tiny_npz):
+    """onehot_budget: the budget's level, by hand; func_emb+budget: a unit-norm mean feature
+    per client, then beta(s); two clients differ, and it is the same when computed again."""
+    from framp_jax.descriptors import budget_code, compute_descriptors, onehot_budget, with_budget
+    levels = [1.0, 0.25, 1 / 16, 1 / 64]
+    d = np.asarray(onehot_budget([0.25, 1.0, 1 / 64, 1 / 16, 0.25], levels))
+    np.testing.assert_array_equal(d.argmax(1), [1, 0, 3, 2, 1])
+    np.testing.assert_array_equal(d.sum(1), np.ones(5))
+    with pytest.raises(ValueError, match="onehot_budget"):
+        with_budget(jnp.asarray(d), "onehot_budget", 0.5, levels)
+    c = tiny_config(tiny_npz, framp__descriptor="func_emb+budget", framp__func_emb_steps=2)
+    prob = build_problem(c, verbose=False)
+    model = prob.ctx.model
+    budgets = np.asarray(prob.data.budgets)
+    # on this tiny CNN, global top-k of the seed model prunes conv2 and conv3 whole at 1/16 and
+    # 1/64 (as it prunes the dense layer of the CIFAR-10 CPU CNN): those embeddings are zero
+    with pytest.warns(RuntimeWarning, match=r"4 of 8 clients \(budgets 0.0625, 0.015625\)"):
+        e = np.asarray(compute_descriptors("func_emb+budget", model, prob.ctx, prob.data, 2))
+    norms = np.linalg.norm(e[:, :-1], axis=1)
+    np.testing.assert_allclose(norms[budgets >= 0.25], 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(norms[budgets < 0.25], 0.0)
+    np.testing.assert_allclose(e[:, -1], np.asarray(budget_code(budgets)), rtol=1e-6)
+    assert np.abs(e[0, :-1] - e[1, :-1]).max() > 1e-4
+    with pytest.warns(RuntimeWarning):
+        again = compute_descriptors("func_emb+budget", model, prob.ctx, prob.data, 2)
+    np.testing.assert_array_equal(np.asarray(again), e)
+
+
 def test_fiarse_paper_gradient_drops_no_client(tiny_npz):
     """A budget-1 client has tau = 0, and its zero-initialised biases made the factor 0/0."""
     c = tiny_config(tiny_npz, framp__mask_grad="fiarse_paper", clients_per_round=8)
@@ -131,12 +159,14 @@ def test_fiarse_paper_gradient_drops_no_client(tiny_npz):
     assert int(m["nan_clients"]) == 0 and np.isfinite(float(m["train_loss"]))
 
 
-@pytest.mark.parametrize("opt", [dict(framp__hn_steps=3),
-                                 dict(framp__base="fedavg"),
+# 3 runs cover each variant (each tiny run is mostly compile time): the preset's
+# base + no residual head alone, the base with the residual head, and several HN steps both
+# with and without the base.
+@pytest.mark.parametrize("opt", [dict(framp__base="fedavg", framp__residual_head=False),
                                  dict(framp__base="fedavg", framp__hn_steps=2,
                                       framp__hist_smoothing=1.0),
-                                 dict(framp__generate="backbone", framp__hn_steps=2),
-                                 dict(framp__base="fedavg", framp__residual_head=False)])
+                                 dict(framp__generate="backbone", framp__hn_steps=3)],
+                         ids=["preset-base", "base-residual-hnsteps2-smooth", "backbone-hnsteps3"])
 def test_variants_run_and_compile_once(tiny_npz, tmp_path, opt):
     c = tiny_config(tiny_npz, rounds=3, eval_every=3, **opt)
     res = simulate.run(c, str(tmp_path / "v"), progress=False, log=lambda *_: None)
