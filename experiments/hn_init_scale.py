@@ -7,7 +7,6 @@ parameter leaf: std of the generated entries (first clients' descriptors) / std 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -20,15 +19,12 @@ def main():
     ap.add_argument("--clients", type=int, default=4)
     a = ap.parse_args()
     from framp_jax.algorithms import framp as F
+    from framp_jax.algorithms.registry import resolve
     from framp_jax.problem import build_problem
-    spec = importlib.util.spec_from_file_location("preset", a.preset)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
+    from framp_jax.sweep import _load_preset
+    c = _load_preset(a.preset)
     prob = build_problem(c, verbose=False)
-    fc = F.framp_defaults()
-    fc.update(c.framp.to_dict())
-    fi = F.build(prob.ctx, fc)
+    fi = F.build(prob.ctx, resolve(c)[1])  # the preset's framp options over their defaults
     state = fi.algorithm.init(jax.random.key(int(c.seed)), prob.data)
     ids = jnp.arange(a.clients)
     theta = fi.generate(state.phi, state.desc[ids], None, ids, state.base)

@@ -7,6 +7,8 @@ level (no data information, an ablation); ``budget_only``: [beta(s)].
 """
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,7 +74,6 @@ def _warn_zero_embeddings(emb, budgets):
         return
     zero = np.flatnonzero(~np.any(np.asarray(emb) != 0, axis=-1))
     if zero.size:
-        import warnings
         levels = sorted({float(b) for b in np.asarray(budgets)[zero]}, reverse=True)
         warnings.warn(
             f"framp.descriptor='func_emb+budget': {zero.size} of {emb.shape[0]} clients (budgets "

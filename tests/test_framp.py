@@ -286,8 +286,10 @@ def test_unseen_clients_get_zero_shot_models(tiny_npz, tmp_path):
 
 
 # Options grouped so that every one is compiled and run through simulate.run in the default
-# suite with 3 runs instead of 9 (each tiny run is mostly compile time); each option also has
-# its own value test (test_framp_variants.py, test_official_options.py, the tests above).
+# suite with 3 runs instead of 9 (each tiny run is mostly compile time). Several also have a
+# value test (the alignment losses and width extraction above, shared rotation below, groupwise
+# and the FIARSE factor in test_fiarse.py / test_framp_variants.py, the descriptors in
+# test_framp_variants.py); generate="backbone" and eval_mode="finetuned" are checked here only.
 @pytest.mark.parametrize("opt", [
     dict(framp__generate="backbone", framp__scope="groupwise", framp__align="batch_proto",
          framp__descriptor="onehot_budget", framp__proto_rotation="shared",
