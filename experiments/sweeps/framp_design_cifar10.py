@@ -6,12 +6,13 @@
 - what personalises: descriptor budget only / one-hot budget / functional embedding + budget,
   a smoothed label histogram (a = 1), a local classifier (generate="backbone"), alignment
   weight 0, 0.1 and 10, uniform prototype weighting;
-- evaluation: fine-tuned models, groupwise top-k, FIARSE's mask gradient.
+- evaluation: fine-tuned models, groupwise top-k, FIARSE's mask gradient;
+- the HN zoo: pFedHN's per-tensor-head generator (``framp.hypernet="pfedhn"``, added later).
 
 Selection criterion, declared before these runs: score = (Local mean + Union mean) / 2 of
 results.json "final", averaged over seeds 0, 1, 2.
 
-Order of the runs, declared before any of them (54 runs of 20-25 minutes on 2 shared cores do not
+Order of the runs, declared before any of them (54 runs; 57 with pfedhn of 20-25 minutes on 2 shared cores do not
 fit one session): first seed 0 of every ablation (``--only '*_seed0'``), then seeds 1 and 2 of
 (a) every ablation whose seed-0 score is at least the chosen preset's seed-0 score minus 2
 points (54.33 - 2 = 52.33; it could change the presets) and (b) every ablation whose seed-0 score differs
@@ -42,6 +43,10 @@ CHANGES = {
     "finetuned": {"framp.eval_mode": "finetuned"},
     "groupwise": {"framp.scope": "groupwise"},
     "fiarse_grad": {"framp.mask_grad": "fiarse_paper"},
+    # added after the first 10 seed-0 screens ran (same order rule; its seed 0 runs after the
+    # 18 above): the HN zoo's pFedHN-style generator (a learned embedding per client id instead
+    # of the descriptor, one linear head per tensor; 20.2 M HN parameters for this CNN)
+    "pfedhn": {"framp.hypernet": "pfedhn"},
 }
 
 
