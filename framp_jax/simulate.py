@@ -55,6 +55,7 @@ HASH_STABLE_DEFAULTS = {
     "framp.residual_scale": 0.1,
     "framp.residual_head": True,
     "framp.hist_smoothing": 0.0,
+    "framp.head_in_topk": True,
 }
 
 

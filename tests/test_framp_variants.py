@@ -162,12 +162,14 @@ def test_fiarse_paper_gradient_drops_no_client(tiny_npz):
 
 # 3 runs cover each variant (each tiny run is mostly compile time): the preset's
 # base + no residual head alone, the base with the residual head, and several HN steps both
-# with and without the base.
+# with and without the base (the latter with the local classifier outside the top-k).
 @pytest.mark.parametrize("opt", [dict(framp__base="fedavg", framp__residual_head=False),
                                  dict(framp__base="fedavg", framp__hn_steps=2,
                                       framp__hist_smoothing=1.0),
-                                 dict(framp__generate="backbone", framp__hn_steps=3)],
-                         ids=["preset-base", "base-residual-hnsteps2-smooth", "backbone-hnsteps3"])
+                                 dict(framp__generate="backbone", framp__hn_steps=3,
+                                      framp__head_in_topk=False)],
+                         ids=["preset-base", "base-residual-hnsteps2-smooth",
+                              "backbone-hnsteps3-head-whole"])
 def test_variants_run_and_compile_once(tiny_npz, tmp_path, opt):
     c = tiny_config(tiny_npz, rounds=3, eval_every=3, **opt)
     res = simulate.run(c, str(tmp_path / "v"), progress=False, log=lambda *_: None)
@@ -231,3 +233,42 @@ def test_committed_runs_keep_their_hash():
         c = _load_preset(os.path.join(root, "experiments/configs", preset))
         c.seed = stored["seed"]
         assert simulate.config_hash(c) == stored["_resolved"]["config_hash"], run
+
+
+def test_head_in_topk_false_keeps_the_local_classifier_whole(tiny_npz):
+    """generate="backbone": with head_in_topk=False the local classifier is evaluated whole at
+    every budget and the budget's top-k runs over the backbone's prunable entries alone (by
+    hand, numpy); at the default it competes in the one global top-k."""
+    for in_topk in (True, False):
+        c = tiny_config(tiny_npz, framp__generate="backbone", framp__head_in_topk=in_topk)
+        prob, alg, parts, st = _setup(c)
+        ids = jnp.arange(prob.ctx.num_clients)
+        budgets = prob.data.budgets
+        models = parts.models_at(st, st.desc, budgets, ids)
+        gen = parts.generate(st.phi, st.desc, st.heads, ids, st.base)
+        full = parts.prunable if in_topk else dict(
+            parts.prunable, classifier=jax.tree.map(lambda _: True, parts.prunable["classifier"]))
+        assert jax.tree.leaves(parts.prunable["classifier"]) == [in_topk] * 2
+        for i in range(prob.ctx.num_clients):
+            g = jax.tree.map(lambda a: np.asarray(a[i]), gen)
+            m = jax.tree.map(lambda a: np.asarray(a[i]), models)
+            named = [(jax.tree_util.keystr(p), x, f) for (p, x), f in zip(
+                jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(full))]
+            ranked = [k for k, _, f in named if f and (in_topk or not k.startswith("['classifier']"))]
+            flat = np.sort(np.abs(np.concatenate([x.ravel() for k, x, _ in named if k in ranked])))
+            kk = int(np.clip(np.floor(float(budgets[i]) * flat.size), 1, flat.size))
+            tau = flat[::-1][kk - 1]
+            for (k, x, _), got in zip(named, jax.tree.leaves(m)):
+                want = np.where(np.abs(x) >= tau, x, 0.0) if k in ranked else x
+                np.testing.assert_array_equal(got, want, err_msg=f"{in_topk} {i} {k}")
+        if in_topk:  # at the smallest budget the classifier loses entries to the top-k
+            small = int(np.argmin(np.asarray(budgets)))
+            k = np.asarray(models["classifier"]["kernel"][small])
+            assert np.sum(k == 0) > 0
+    with pytest.raises(ConfigError, match="framp.head_in_topk"):
+        validate(tiny_config(tiny_npz, framp__head_in_topk=False, framp__extraction="width"))
+    c = base_config()
+    h0 = simulate.config_hash(c)
+    assert "head_in_topk" not in simulate.hashed_config(c)["framp"]
+    c.framp.head_in_topk = False
+    assert simulate.config_hash(c) != h0

@@ -12,7 +12,7 @@
 Selection criterion, declared before these runs: score = (Local mean + Union mean) / 2 of
 results.json "final", averaged over seeds 0, 1, 2.
 
-Order of the runs, declared before any of them (54 runs; 57 with pfedhn of 20-25 minutes on 2 shared cores do not
+Order of the runs, declared before any of them (54 runs; 60 with pfedhn and backbone_headwhole of 20-25 minutes on 2 shared cores do not
 fit one session): first seed 0 of every ablation (``--only '*_seed0'``), then seeds 1 and 2 of
 (a) every ablation whose seed-0 score is at least the chosen preset's seed-0 score minus 2
 points (54.33 - 2 = 52.33; it could change the presets) and (b) every ablation whose seed-0 score differs
@@ -47,6 +47,9 @@ CHANGES = {
     # 18 above): the HN zoo's pFedHN-style generator (a learned embedding per client id instead
     # of the descriptor, one linear head per tensor; 20.2 M HN parameters for this CNN)
     "pfedhn": {"framp.hypernet": "pfedhn"},
+    # added after "backbone" ran: its local classifier lost every entry to the global top-k at
+    # budgets 1/16 and 1/64 (experiments/kept_fractions.py); here it is kept whole
+    "backbone_headwhole": {"framp.generate": "backbone", "framp.head_in_topk": False},
 }
 
 

@@ -53,6 +53,8 @@ def framp_defaults() -> mlc.ConfigDict:
     f.chunk_dim = 64
     f.gen_hidden = 256
     f.generate = "all"                  # | backbone (per-client local classifier)
+    f.head_in_topk = True               # False: the classifier is left out of the top-k and
+    #                                     kept whole at every budget (ours, not SPEC)
     f.extraction = "topk"               # | width (narrower pytrees per budget level)
     f.width_rates = (1.0, 0.5, 0.25, 0.125)  # width per budget level (extraction="width")
     f.scope = "global"                  # | groupwise (one top-k threshold per stage)
@@ -138,6 +140,9 @@ def validate_options(c, f) -> None:
     check(f.base_lr > 0, "framp.base_lr", f.base_lr, "> 0")
     check(f.residual_scale > 0, "framp.residual_scale", f.residual_scale, "> 0")
     check(isinstance(f.residual_head, bool), "framp.residual_head", f.residual_head, "True or False")
+    check(isinstance(f.head_in_topk, bool), "framp.head_in_topk", f.head_in_topk, "True or False")
+    check(f.head_in_topk or f.extraction == "topk", "framp.head_in_topk", f.head_in_topk,
+          "True with extraction='width' (width extraction has no top-k)")
     check(f.residual_head or f.base != "none", "framp.residual_head", f.residual_head,
           "True unless framp.base is set (it removes the residual from the base's classifier)")
     check(f.hn_lr > 0, "framp.hn_lr", f.hn_lr, "> 0")
@@ -254,6 +259,8 @@ def build(ctx: Context, fc) -> FrampInternals:
     K, F = ctx.num_classes, model.feature_dim
     template = model.init(ctx.init_key())  # shapes for the HN and the extraction
     prunable = model.prunable(template)
+    if not fc.head_in_topk:  # the classifier stays whole, outside the budget's top-k
+        prunable = dict(prunable, classifier=jax.tree.map(lambda _: False, prunable["classifier"]))
     backbone = fc.generate == "backbone"
     generated = {k: jax.tree.map(lambda _: not (backbone and k == "classifier"), v)
                  for k, v in template.items()}
