@@ -13,6 +13,7 @@ determinism test compares a fresh compile with a cached one) and no trace count.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -22,6 +23,16 @@ import numpy as np
 import pytest
 
 from framp_jax.config import base_config
+
+def load_script(path, name=None):
+    """The module of a script outside the package (benchmarks/, experiments/), loaded by path."""
+    path = str(path)
+    spec = importlib.util.spec_from_file_location(
+        name or os.path.splitext(os.path.basename(path))[0], path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
 
 # -- session-wide compilation cache ---------------------------------------------------------
 # Set at import, before any test compiles anything: jax decides once per process whether the

@@ -20,16 +20,15 @@ from framp_jax.algorithms.base import Context
 from framp_jax.client import LocalConfig
 from framp_jax.models import layers
 
+from conftest import load_script
+
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "bench_gpu.py")
 
 
 def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT)
 
 
 def test_xla_triton_flag_is_added_unless_set_or_disabled():

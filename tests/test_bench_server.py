@@ -4,7 +4,6 @@ timings, and ``framp-jax report`` turns the JSON into the server-time table with
 hand-computed share of the round."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -17,17 +16,14 @@ from framp_jax import config as C
 from framp_jax import report as REP
 from framp_jax.problem import build_algorithm, build_problem
 
-from conftest import TINY_FIELDS
+from conftest import TINY_FIELDS, load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_server.py"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_server", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT)
 
 
 def _tiny_sets(npz):

@@ -1,17 +1,15 @@
 """experiments/kept_fractions.py: the per-leaf kept fraction per budget level, by hand."""
-import importlib.util
 import pathlib
 
 import numpy as np
+
+from conftest import load_script
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "kept_fractions.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("kept_fractions", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(_PATH)
 
 
 def test_kept_table_by_hand():
