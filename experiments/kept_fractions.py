@@ -16,7 +16,6 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -64,11 +63,10 @@ def main(argv=None):
     fi = F.build(prob.ctx, resolve(c)[1])
     state = fi.algorithm.init(jax.random.key(int(c.seed)), prob.data)
     state, extra = ckpt.restore_latest_intact(target=state, expected_config_hash=config_hash(c))
-    ids = jnp.arange(prob.ctx.num_clients)
     params = fi.algorithm.eval_groups(state, prob.data)[0].params
     names, levels, kept = kept_table(params, fi.prunable, prob.data.budgets)
     print(f"{a.run}: round {int(extra['round'])}, kept fraction of each prunable leaf per budget "
-          f"(mean over the level's clients; {len(ids)} clients)")
+          f"(mean over the level's clients; {prob.ctx.num_clients} clients)")
     print(f"{'leaf':40s} " + " ".join(f"{b:>8g}" for b in levels))
     for n, row in zip(names, kept):
         print(f"{n:40s} " + " ".join(f"{v:8.3f}" for v in row))

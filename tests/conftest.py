@@ -24,6 +24,7 @@ import pytest
 
 from framp_jax.config import base_config
 
+
 def load_script(path, name=None):
     """The module of a script outside the package (benchmarks/, experiments/), loaded by path."""
     path = str(path)

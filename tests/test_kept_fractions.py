@@ -8,12 +8,8 @@ from conftest import load_script
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "kept_fractions.py"
 
 
-def _module():
-    return load_script(_PATH)
-
-
 def test_kept_table_by_hand():
-    kt = _module().kept_table
+    kt = load_script(_PATH).kept_table
     # 4 clients: budgets 1, 1/4, 1, 1/4; leaf "a" 4 entries, leaf "b" 2 entries, "c" not prunable
     a = np.array([[1, 2, 3, 4], [0, 0, 5, 0], [1, 0, 3, 4], [0, 0, 0, 0]], np.float32)
     b = np.array([[1, 1], [0, 0], [1, 1], [2, 0]], np.float32)
