@@ -18,6 +18,8 @@ from framp_jax.data.graph_modality import (GraphClients, GraphModality, graph_fe
                                            graph_local_accuracy, graph_union_accuracy)
 from framp_jax.models.gcn import make_gcn
 
+from conftest import load_script
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_cora = pytest.mark.skipif(not (SHARED / "cora" / "cora.npz").is_file(),
                                 reason="shared/data/cora absent")
@@ -160,12 +162,8 @@ def test_ce_sees_train_nodes_only():
 
 # --------------------------------------------------------------------------- configs
 def _preset(name):
-    import importlib.util
-    path = Path(__file__).resolve().parents[1] / "experiments" / "configs" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return load_script(Path(__file__).resolve().parents[1] / "experiments" / "configs"
+                       / f"{name}.py").get_config()
 
 
 def test_graph_config_validation():
