@@ -591,7 +591,10 @@ def write_report(paths: Sequence[str], out_dir: str) -> str:
         md += [""] + _reference_lines(rows, first["config"] or {}) + [""]
         md += _framp_vs_others(rows)
         if any(_final(r, "unseen/local", "mean") is not None for rs in rows.values() for r in rs):
-            md += ["Unseen clients (held out of training, evaluated zero-shot):", ""]
+            md += ["Unseen clients (held out of training, evaluated zero-shot). FRAMP generates "
+                   "each held-out client's model from its descriptor; the other methods give it "
+                   "the model of its budget level that the trained clients get, so their Union "
+                   "here repeats their trained clients' Union at that budget:", ""]
             md += _table(_acc_header(), [cells for cells, rs in zip(
                 _accuracy_rows(rows, "unseen/"), rows.values())
                 if any(_final(r, "unseen/local", "mean") is not None for r in rs)]) + [""]
