@@ -307,3 +307,47 @@ def test_comm_bytes_of_the_narrow_submodels(tiny_config, method):
                 mask += 4 * nv * sum(W.width_of(C_, r) for C_ in sizes.values())
     assert m["comm/down_bytes"] == m["comm/up_bytes"] == down > 0
     assert m["comm/mask_bytes"] == mask
+
+
+@pytest.mark.parametrize("variant", ["all", "backbone", "backbone_headwhole"])
+def test_comm_bytes_framp_topk(tiny_npz, variant):
+    """FRAMP top-k: each participant gets and returns its kept generated entries, the entries
+    outside the top-k whole, and its K x F prototypes (+ K class counts up); a local classifier
+    (generate="backbone") is never sent, whether or not it is in the top-k."""
+    from test_framp import tiny_config as framp_config
+    from framp_jax.algorithms.framp import build
+    from framp_jax.algorithms.registry import resolve
+    from framp_jax.algorithms.rounds import draw_cohort
+
+    kw = {"all": {}, "backbone": {"framp__generate": "backbone"},
+          "backbone_headwhole": {"framp__generate": "backbone", "framp__head_in_topk": False}}
+    c = framp_config(tiny_npz, local_steps=1, **kw[variant])
+    prob, state, m = _one_round(c, t=1)
+    fr = build(prob.ctx, resolve(c)[1])
+    co = draw_cohort(prob.ctx, prob.data, 1)
+    heads = (None if variant == "all"
+             else jax.tree.map(lambda a: a[co.ids], state.heads))
+    theta = fr.generate(state.phi, state.desc[co.ids], heads, co.ids, state.base)
+    local = variant != "all"
+    budgets = np.asarray(prob.data.budgets)[np.asarray(co.ids)]
+    K, F = prob.ctx.num_classes, prob.model.feature_dim
+    down = 0
+    for i, b in enumerate(budgets):
+        th = {k: jax.tree.map(lambda a: np.asarray(a[i]), v) for k, v in theta.items()}
+        w = np.concatenate([np.abs(x).ravel() for x, f in
+                            zip(jax.tree.leaves(th), jax.tree.leaves(fr.prunable)) if f])
+        P = w.size
+        k = min(max(int(np.floor(np.float32(b) * np.float32(P))), 1), P)
+        tau = np.sort(w)[P - k]
+        for name in th:
+            if local and name == "classifier":
+                continue  # the client's own classifier stays on the client
+            for x, f in zip(jax.tree.leaves(th[name]), jax.tree.leaves(fr.prunable[name])):
+                down += int(np.sum(np.abs(x) >= tau)) if f else x.size
+        down += K * F
+    assert m["comm/down_bytes"] == 4 * down
+    assert m["comm/up_bytes"] == 4 * (down + K * len(budgets))
+    if variant != "all":  # the local classifier is in the top-k or whole: it was counted before
+        _, _, m_all = _one_round(framp_config(tiny_npz, local_steps=1), t=1)
+        assert m["comm/down_bytes"] < m_all["comm/down_bytes"]
+

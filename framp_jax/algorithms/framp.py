@@ -92,6 +92,12 @@ def framp_defaults() -> mlc.ConfigDict:
     return f
 
 
+def kept_entries(mask, prunable):
+    """The number of kept entries of ``mask`` over its prunable leaves (float32)."""
+    return sum((jnp.sum(m, dtype=jnp.float32) for m, f in
+                zip(jax.tree.leaves(mask), jax.tree.leaves(prunable)) if f), jnp.float32(0))
+
+
 def validate_options(c, f) -> None:
     """FRAMP's options ``f`` (``config.framp`` over :func:`framp_defaults`) against the run's
     config ``c``; raises ConfigError naming the field."""
@@ -230,7 +236,8 @@ class FrampInternals(NamedTuple):
 
     ``generate(phi, desc, heads=None, ids=None)``: the full models of clients ``ids`` from their
     descriptors; ``client_topk(theta_gen, budget, x, y, n, key, protos, valid) -> (delta,
-    theta, prototypes, counts, loss, kept)``: one client of the top-k extraction;
+    theta, prototypes, counts, loss, kept)``: one client of the top-k extraction (kept: its
+    kept prunable entries and, of them, those in a local classifier);
     ``make_loss(protos, valid)``: the local loss (CE + lambda·alignment);
     ``train_with_prototypes(protos, valid, p0, mask, x, y, n, key)``: local training and the
     client's prototypes; ``models_at(state, desc, budgets, ids)``: generated, budget-masked
@@ -273,8 +280,9 @@ def build(ctx: Context, fc) -> FrampInternals:
     groups = M.stage_groups(template) if fc.scope == "groupwise" else None
     align_fn = ALIGN_FNS[fc.align]
     n_prunable = M.num_prunable(template, prunable)
-    n_unmasked = sum(x.size for x, p in zip(jax.tree.leaves(template), jax.tree.leaves(prunable))
-                     if not p)
+    # entries sent whole (not in the top-k); a local classifier (generate="backbone") is never sent
+    n_unmasked = sum(x.size for x, p, g in zip(jax.tree.leaves(template), jax.tree.leaves(prunable),
+                                               jax.tree.leaves(generated)) if g and not p)
     rot_shared = random_rotation(jax.random.fold_in(jax.random.key(ctx.seed), 5), F)
     width = fc.extraction == "width"
     if width:
@@ -354,7 +362,10 @@ def build(ctx: Context, fc) -> FrampInternals:
         if fc.mask_grad == "fiarse_paper":
             gt = fiarse_grad_factor(theta_gen, prunable, M.topk_threshold(theta_gen, prunable, budget))
         theta, loss, pro, cnt = train_with_prototypes(protos, valid, theta0, m, x, y, n, key, gt)
-        kept = sum(jnp.sum(mm) for mm, f in zip(jax.tree.leaves(m), jax.tree.leaves(prunable)) if f)
+        kept = kept_entries(m, prunable)
+        # (kept prunable entries, of them in the local classifier, which is not sent)
+        kept = jnp.stack([kept, kept_entries(m["classifier"], prunable["classifier"])
+                          if backbone else jnp.zeros_like(kept)])
         return jax.tree.map(jnp.subtract, theta0, theta), theta, pro, cnt, loss, kept
 
     def upload_protos(pro, keys):
@@ -381,7 +392,7 @@ def build(ctx: Context, fc) -> FrampInternals:
     def train_topk(state, data, t, phi, protos, valid):
         """The top-k extraction's clients: all generated at once (one VJP), masked at their
         budgets and trained. Returns (cohort, vjp_fn, delta, classifiers, prototypes, counts,
-        losses, kept entries, None)."""
+        losses, kept entries [M, 2] (prunable; of them in the local classifier), None)."""
         co = draw_cohort(ctx, data, t)
         gen = lambda ph: generate(ph, state.desc[co.ids], heads_of(state, co.ids), co.ids,
                                   state.base)
@@ -461,7 +472,9 @@ def build(ctx: Context, fc) -> FrampInternals:
             heads = put_clients(heads, co.ids, keep_where(finite, cls, heads_of(state, co.ids)))
         new = FrampState(new_phi, opt, state.desc, bank, bank_valid, heads, base)
         okf = finite.astype(jnp.float32)
-        per_client_payload = kept + n_unmasked + K * F
+        # the local classifier's kept entries are not sent (width extraction has none)
+        kept, kept_head = (kept, 0.0) if width else (kept[:, 0], kept[:, 1])
+        per_client_payload = kept - kept_head + n_unmasked + K * F
         metrics = {
             **round_metrics(losses, usable, co.valid),
             "hn_grad_norm": g_norm,
