@@ -77,11 +77,15 @@ def apply_mask(params, mask):
     return jax.tree.map(lambda p, m: p * m, params, mask)
 
 
+def num_kept(mask, prunable):
+    """The number of entries a mask keeps over its prunable leaves (a traced float32 scalar)."""
+    return sum((jnp.sum(m, dtype=jnp.float32) for m, f in
+                zip(jax.tree.leaves(mask), jax.tree.leaves(prunable)) if f), jnp.float32(0))
+
+
 def kept_fraction(mask, prunable):
     """Fraction of prunable entries a mask keeps (a traced scalar)."""
-    kept = sum(jnp.sum(m) for m, f in zip(jax.tree.leaves(mask), jax.tree.leaves(prunable)) if f)
-    total = sum(m.size for m, f in zip(jax.tree.leaves(mask), jax.tree.leaves(prunable)) if f)
-    return kept / total
+    return num_kept(mask, prunable) / num_prunable(mask, prunable)
 
 
 def stage_groups(params):

@@ -92,12 +92,6 @@ def framp_defaults() -> mlc.ConfigDict:
     return f
 
 
-def kept_entries(mask, prunable):
-    """The number of kept entries of ``mask`` over its prunable leaves (float32)."""
-    return sum((jnp.sum(m, dtype=jnp.float32) for m, f in
-                zip(jax.tree.leaves(mask), jax.tree.leaves(prunable)) if f), jnp.float32(0))
-
-
 def validate_options(c, f) -> None:
     """FRAMP's options ``f`` (``config.framp`` over :func:`framp_defaults`) against the run's
     config ``c``; raises ConfigError naming the field."""
@@ -362,9 +356,9 @@ def build(ctx: Context, fc) -> FrampInternals:
         if fc.mask_grad == "fiarse_paper":
             gt = fiarse_grad_factor(theta_gen, prunable, M.topk_threshold(theta_gen, prunable, budget))
         theta, loss, pro, cnt = train_with_prototypes(protos, valid, theta0, m, x, y, n, key, gt)
-        kept = kept_entries(m, prunable)
+        kept = M.num_kept(m, prunable)
         # (kept prunable entries, of them in the local classifier, which is not sent)
-        kept = jnp.stack([kept, kept_entries(m["classifier"], prunable["classifier"])
+        kept = jnp.stack([kept, M.num_kept(m["classifier"], prunable["classifier"])
                           if backbone else jnp.zeros_like(kept)])
         return jax.tree.map(jnp.subtract, theta0, theta), theta, pro, cnt, loss, kept
 
