@@ -309,6 +309,30 @@ def test_comm_bytes_of_the_narrow_submodels(tiny_config, method):
     assert m["comm/mask_bytes"] == mask
 
 
+def test_comm_bytes_framp_width(tiny_npz):
+    """FRAMP width: each participant gets and returns its narrow pytree whole (biases narrowed
+    too), and prototypes on the feature channels it holds (+ K class counts up); no mask. Hand
+    count: the parameters of the family's network built at the level's width, as HeteroFL's
+    count is; a padding slot (3 participants over 4 levels) counts nothing."""
+    from test_framp import tiny_config as framp_config
+
+    c = framp_config(tiny_npz, local_steps=1, clients_per_round=3, framp__extraction="width")
+    prob, _, m = _one_round(c, t=0)
+    ctx, fam, K = prob.ctx, prob.ctx.family, prob.ctx.num_classes
+    per_level = _level_valid(ctx, 0)
+    assert sum(v for _, v in per_level) == 3 and min(v for _, v in per_level) == 0
+    rates = dict(zip((1.0, 0.25, 0.0625, 0.015625), c.framp.width_rates))
+    down = up = 0
+    for b, nv in per_level:
+        net = fam.make(rates[b])
+        n = _size(jax.eval_shape(net.init, jax.random.key(0))) + K * net.feature_dim
+        down, up = down + 4 * nv * n, up + 4 * nv * (n + K)
+    assert fam.make(0.125).feature_dim < prob.model.feature_dim
+    assert m["comm/down_bytes"] == down > 0
+    assert m["comm/up_bytes"] == up
+    assert m["comm/mask_bytes"] == 0.0
+
+
 @pytest.mark.parametrize("variant", ["all", "backbone", "backbone_headwhole"])
 def test_comm_bytes_framp_topk(tiny_npz, variant):
     """FRAMP top-k: each participant gets and returns its kept generated entries, the entries

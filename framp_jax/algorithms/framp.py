@@ -424,7 +424,7 @@ def build(ctx: Context, fc) -> FrampInternals:
         phi = state.phi
         protos, valid = align_targets(state)
         if width:
-            co, vjp_fn, delta, cls, pro, cnt, losses, kept, dmask = wx.round(
+            co, vjp_fn, delta, cls, pro, cnt, losses, kept, dmask, sent = wx.round(
                 state, data, t, phi, generate, lambda i: heads_of(state, i),
                 train_with_prototypes, protos, valid)
         else:
@@ -466,9 +466,11 @@ def build(ctx: Context, fc) -> FrampInternals:
             heads = put_clients(heads, co.ids, keep_where(finite, cls, heads_of(state, co.ids)))
         new = FrampState(new_phi, opt, state.desc, bank, bank_valid, heads, base)
         okf = finite.astype(jnp.float32)
-        # the local classifier's kept entries are not sent (width extraction has none)
-        kept, kept_head = (kept, 0.0) if width else (kept[:, 0], kept[:, 1])
-        per_client_payload = kept - kept_head + n_unmasked + K * F
+        if width:  # the narrow pytree whole, prototypes on the feature channels held
+            per_client_payload = sent[:, 0] + K * sent[:, 1]
+        else:  # kept generated entries, the unmasked ones whole; a local classifier stays put
+            kept, kept_head = kept[:, 0], kept[:, 1]
+            per_client_payload = kept - kept_head + n_unmasked + K * F
         metrics = {
             **round_metrics(losses, usable, co.valid),
             "hn_grad_norm": g_norm,

@@ -34,11 +34,15 @@ class WidthExtraction:
         self.template, self.prunable = template, prunable
         total = sum(int(np.prod(x.shape)) for x, f in
                     zip(jax.tree.leaves(template), jax.tree.leaves(prunable)) if f)
-        self.kept = {}
+        self.kept, self.sent = {}, {}
         for b, r in self.rates.items():
             shapes = jax.eval_shape(lambda p: W.gather(p, self.spec, self.indices(p, r)), template)
-            self.kept[b] = sum(int(np.prod(x.shape)) for x, f in
-                               zip(jax.tree.leaves(shapes), jax.tree.leaves(prunable)) if f)
+            sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)]
+            self.kept[b] = sum(n for n, f in zip(sizes, jax.tree.leaves(prunable)) if f)
+            # entries a client of this level gets and returns: its narrow pytree (biases and
+            # norm scales narrowed too) and its prototypes on the feature channels it holds
+            n_feat = jax.eval_shape(lambda p: self.indices(p, r), template)[self.keep[0]].shape[0]
+            self.sent[b] = (sum(sizes), n_feat)
         self.fractions = {b: k / total for b, k in self.kept.items()}
 
     def indices(self, theta, rate):
@@ -71,12 +75,13 @@ class WidthExtraction:
               protos, valid):
         """Generate all participants at once (one VJP), then train each level at its shape.
         Returns (the round's cohort, vjp_fn, delta, classifiers, prototypes, counts, losses,
-        kept entries, feature-channel masks), every level's clients concatenated in order."""
+        kept prunable entries, feature-channel masks, (entries of the narrow pytree, feature
+        channels held) per client), every level's clients concatenated in order."""
         levels = draw_level_cohorts(self.ctx, data, t)
         co = concat_cohorts([c for _, c in levels])
         theta_gen, vjp_fn = jax.vjp(
             lambda ph: generate(ph, state.desc[co.ids], heads_of(co.ids), co.ids), phi)
-        outs, kept, off = [], [], 0
+        outs, kept, sent, off = [], [], [], 0
         for budget, lco in levels:
             m = lco.ids.shape[0]
             th = jax.tree.map(lambda a: a[off:off + m], theta_gen)
@@ -84,10 +89,12 @@ class WidthExtraction:
             outs.append(train_cohort(self.ctx, run, lco, th, protos, valid,
                                      extra_axes=(0, None, None)))
             kept.append(jnp.full((m,), float(self.kept[budget])))
+            sent.append(jnp.full((m, 2), jnp.asarray(self.sent[budget], jnp.float32)))
             off += m
         cat = lambda *xs: jnp.concatenate(xs, axis=0)
         delta, cls, pro, cnt, losses, dmask = jax.tree.map(cat, *outs)
-        return co, vjp_fn, delta, cls, pro, cnt, losses, jnp.concatenate(kept), dmask
+        return (co, vjp_fn, delta, cls, pro, cnt, losses, jnp.concatenate(kept), dmask,
+                jnp.concatenate(sent))
 
     def eval_groups(self, state, generate, heads_of):
         out = []
