@@ -467,7 +467,7 @@ def build(ctx: Context, fc) -> FrampInternals:
         new = FrampState(new_phi, opt, state.desc, bank, bank_valid, heads, base)
         okf = finite.astype(jnp.float32)
         if width:  # the narrow pytree whole, prototypes on the feature channels held
-            per_client_payload = sent[:, 0] + K * sent[:, 1]
+            per_client_payload = sent
         else:  # kept generated entries, the unmasked ones whole; a local classifier stays put
             kept, kept_head = kept[:, 0], kept[:, 1]
             per_client_payload = kept - kept_head + n_unmasked + K * F

@@ -39,10 +39,10 @@ class WidthExtraction:
             shapes = jax.eval_shape(lambda p: W.gather(p, self.spec, self.indices(p, r)), template)
             sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)]
             self.kept[b] = sum(n for n, f in zip(sizes, jax.tree.leaves(prunable)) if f)
-            # entries a client of this level gets and returns: its narrow pytree (biases and
+            # values a client of this level gets (and returns): its narrow pytree (biases and
             # norm scales narrowed too) and its prototypes on the feature channels it holds
-            n_feat = jax.eval_shape(lambda p: self.indices(p, r), template)[self.keep[0]].shape[0]
-            self.sent[b] = (sum(sizes), n_feat)
+            n_feat = W.width_of(self.sizes[self.keep[0]], r)
+            self.sent[b] = sum(sizes) + ctx.num_classes * n_feat
         self.fractions = {b: k / total for b, k in self.kept.items()}
 
     def indices(self, theta, rate):
@@ -75,8 +75,8 @@ class WidthExtraction:
               protos, valid):
         """Generate all participants at once (one VJP), then train each level at its shape.
         Returns (the round's cohort, vjp_fn, delta, classifiers, prototypes, counts, losses,
-        kept prunable entries, feature-channel masks, (entries of the narrow pytree, feature
-        channels held) per client), every level's clients concatenated in order."""
+        kept prunable entries, feature-channel masks, values sent to each client), every
+        level's clients concatenated in order."""
         levels = draw_level_cohorts(self.ctx, data, t)
         co = concat_cohorts([c for _, c in levels])
         theta_gen, vjp_fn = jax.vjp(
@@ -89,7 +89,7 @@ class WidthExtraction:
             outs.append(train_cohort(self.ctx, run, lco, th, protos, valid,
                                      extra_axes=(0, None, None)))
             kept.append(jnp.full((m,), float(self.kept[budget])))
-            sent.append(jnp.full((m, 2), jnp.asarray(self.sent[budget], jnp.float32)))
+            sent.append(jnp.full((m,), float(self.sent[budget])))
             off += m
         cat = lambda *xs: jnp.concatenate(xs, axis=0)
         delta, cls, pro, cnt, losses, dmask = jax.tree.map(cat, *outs)
