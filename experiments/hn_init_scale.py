@@ -2,7 +2,7 @@
 parameter leaf: std of the generated entries (first clients' descriptors) / std of
 ``model.init``. Loads the preset's data (the descriptors need the clients' label histograms).
 
-    python experiments/hn_init_scale.py experiments/configs/framp_cifar10_cpu_spec.py [--clients 4]
+    python experiments/hn_init_scale.py experiments/configs/framp_cifar10_cpu.py [--clients 4]
 """
 from __future__ import annotations
 

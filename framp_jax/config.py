@@ -62,6 +62,10 @@ def base_config() -> mlc.ConfigDict:
     c.budget_levels = (1.0, 0.25, 0.0625, 0.015625)
     c.budget_dist = (1, 1, 1, 1)   # relative shares; contiguous by client index (FIARSE)
     c.heldout_frac = 0.0           # clients per budget level held out of training (unseen)
+    c.val_frac = 0.1               # image data: each client's validation share, cut from its
+    #                                training data stratified by label (val/ metrics, model
+    #                                selection; no training step reads it); 0 = none. Graphs
+    #                                always use their validation nodes (this field is unused)
     c.eval_every = 20
     c.eval_last = 1                # results.json "final" = mean of the last eval_last evals
     c.eval_batch = 20
@@ -83,7 +87,8 @@ def base_config() -> mlc.ConfigDict:
     # graph datasets (framp_jax.data.graph_modality, framp_jax.problem; SPEC §2.1, §2.3, §2.4)
     c.gcn_hidden = 128             # GCN hidden width (= prototype dimension)
     c.dropout = 0.5                # GCN dropout
-    c.graph_split_seed = 123       # node split / partition seed (FedSheafHN's 123; -1 = c.seed)
+    c.graph_split_seed = -1        # node split / partition seed (-1 = c.seed, so seeds vary
+    #                                the split; FedSheafHN fixes 123)
     c.graph_partition = "metis"    # metis | bfs
     c.graph_features = "auto"      # dense | sparse (coordinate lists) | auto: sparse when
     #                                under 5% of the node features are nonzero
@@ -147,6 +152,9 @@ def validate(c: mlc.ConfigDict) -> None:
     check(c.clients_per_round <= n_train, "clients_per_round", c.clients_per_round,
            f"at most the {n_train} trainable clients (num_clients={c.num_clients}, "
            f"heldout_frac={c.heldout_frac})")
+    vf = c.get("val_frac", 0.0)
+    check(isinstance(vf, (int, float)) and not isinstance(vf, bool) and 0 <= vf <= 0.5,
+          "val_frac", vf, "a fraction in [0, 0.5] of each client's training data (0 = none)")
     check(c.union_subset >= 0, "union_subset", c.union_subset, ">= 0 (0 = full union set)")
     resolve(c)  # the method's own options (config.<method>), validated by the method
     check(c.client_map in ("auto", "vmap", "map"), "client_map", c.client_map, "auto, vmap or map")

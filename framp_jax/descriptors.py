@@ -96,6 +96,40 @@ def compute_descriptors(kind, model, ctx, data, func_emb_steps: int = 50,
     raise ValueError(f"descriptor={kind!r}: allowed {DESCRIPTORS}")
 
 
+DESCRIPTOR_CONTROLS = ("none", "permute", "random")
+
+
+def control_descriptors(descriptors, kind, control, key):
+    """Descriptors with their client-data part replaced, the budget code (last entry) kept: the
+    controls that show whether the descriptor's content matters.
+
+    ``permute``: client ``p[j]`` gets the data part of client ``p[j+1 mod N]`` for a random
+    permutation ``p`` (one cycle through all clients: a derangement, so no client keeps its own
+    and all stay distinct when the originals are). ``random``: a random code per client, from
+    the descriptor's own family: a uniform-Dirichlet histogram (``label_hist+budget``) or a
+    random unit vector (``func_emb+budget``). ``key`` fixes the draw."""
+    if control == "none":
+        return descriptors
+    if kind not in ("label_hist+budget", "func_emb+budget"):
+        raise ValueError(f"descriptor_control={control!r} needs a label_hist or func_emb "
+                         f"descriptor, not {kind!r}")
+    data_part, code = descriptors[:, :-1], descriptors[:, -1:]
+    n = descriptors.shape[0]
+    if control == "permute":
+        p = jax.random.permutation(key, n)
+        src = jnp.zeros((n,), jnp.int32).at[p].set(jnp.roll(p, -1))
+        new = data_part[src]
+    elif control == "random":
+        if kind == "label_hist+budget":
+            new = jax.random.dirichlet(key, jnp.ones((data_part.shape[1],)), (n,))
+        else:
+            g = jax.random.normal(key, data_part.shape)
+            new = g / jnp.maximum(jnp.linalg.norm(g, axis=-1, keepdims=True), 1e-12)
+    else:
+        raise ValueError(f"descriptor_control={control!r}: allowed {DESCRIPTOR_CONTROLS}")
+    return jnp.concatenate([new.astype(descriptors.dtype), code], -1)
+
+
 def with_budget(descriptors, kind, budget, levels):
     """The same clients' descriptors at another budget (unseen-budget evaluation)."""
     if kind in ("label_hist+budget", "func_emb+budget"):

@@ -38,12 +38,23 @@ def summarize(budgets, local_acc=None, union_acc=None, levels=None):
 # The run's evaluator
 
 
-def make_evaluator(alg, ctx, eval_batch: int, model_chunk: int = 0, at_budget: bool = False):
+def masked_local_logits(logits, label_counts_row):
+    """HeteroFL's label-masked evaluation: logits of the classes absent from the client's
+    training data set to 0 (the ``local_masked/`` column, the same for every method)."""
+    from framp_jax.losses import label_masked_logits
+    return label_masked_logits(logits, label_counts_row > 0)
+
+
+def make_evaluator(alg, ctx, eval_batch: int, model_chunk: int = 0, at_budget: bool = False,
+                   with_masked: bool = False):
     """A jitted ``evaluate(state, data, union_x, union_y) -> (local_acc[N], union_acc[N])`` over
     the algorithm's ``eval_groups`` with the context's modality (eval batches of ``eval_batch``;
     ``model_chunk`` > 0 evaluates that many models at a time on the union set). With
     ``at_budget`` it takes a traced ``budget`` too and evaluates every client's model at that
-    budget (``alg.eval_groups_at_budget``), one compile for all budgets."""
+    budget (``alg.eval_groups_at_budget``), one compile for all budgets. With ``with_masked`` it
+    returns ``(local, local_masked, union)``: ``local_masked`` is Local with the logits of the
+    classes absent from each client's training data set to 0 (:func:`masked_local_logits`),
+    computed alike for every method. Every method's Local is evaluated on the plain logits."""
     import jax
     import jax.numpy as jnp
     modality = ctx.modality
@@ -51,6 +62,7 @@ def make_evaluator(alg, ctx, eval_batch: int, model_chunk: int = 0, at_budget: b
 
     def evaluate(state, data, ux, uy, budget=None):
         local = jnp.zeros((ctx.num_clients,), jnp.float32)
+        masked = jnp.zeros((ctx.num_clients,), jnp.float32)
         union = jnp.zeros((ctx.num_clients,), jnp.float32)
         groups = (alg.eval_groups_at_budget(state, data, budget) if at_budget
                   else alg.eval_groups(state, data))
@@ -61,8 +73,12 @@ def make_evaluator(alg, ctx, eval_batch: int, model_chunk: int = 0, at_budget: b
             tx = jax.tree.map(lambda a: a[ids], data.test_x)
             ty, tc = data.test_y[ids], data.test_count[ids]
             la = modality.local_accuracy(g.apply, g.params, tx, ty, tc, eval_batch,
-                                         g.local_logits_fn, data.label_counts[ids],
-                                         not g.per_client)
+                                         None, None, not g.per_client)
+            if with_masked:
+                lm = modality.local_accuracy(g.apply, g.params, tx, ty, tc, eval_batch,
+                                             masked_local_logits, data.label_counts[ids],
+                                             not g.per_client)
+                masked = masked.at[ids].set(lm)
             if g.per_client:
                 ua = modality.union_accuracy(g.apply, g.params, ux, uy, eval_batch, chunk)
             else:
@@ -71,7 +87,7 @@ def make_evaluator(alg, ctx, eval_batch: int, model_chunk: int = 0, at_budget: b
                                                               eval_batch)[0], (len(ids),))
             local = local.at[ids].set(la)
             union = union.at[ids].set(ua)
-        return local, union
+        return (local, masked, union) if with_masked else (local, union)
 
     return jax.jit(evaluate)
 
@@ -89,16 +105,24 @@ def union_subset(c, data):
     return data.union_x[idx], data.union_y[idx]
 
 
-def eval_metrics(c, ctx, local, union):
-    """Per-budget summaries of the trained clients, and ``unseen/...`` of the held-out ones."""
+def eval_metrics(c, ctx, local, union, local_masked=None):
+    """Per-budget summaries of the trained clients, and ``unseen/...`` of the held-out ones;
+    with ``local_masked`` also ``local_masked/...`` (and ``unseen/local_masked/...``)."""
     from framp_jax import config as C
     local, union = np.asarray(local), np.asarray(union)
     held = set(np.concatenate(C.heldout_ids(c)).tolist()) if c.heldout_frac > 0 else set()
     tr = np.array([i not in held for i in range(c.num_clients)])
     levels = [float(b) for b in c.budget_levels]
     out = summarize(ctx.budgets[tr], local[tr], union[tr], levels)
+    if local_masked is not None:
+        lm = np.asarray(local_masked)
+        out.update({k.replace("local/", "local_masked/", 1): v for k, v in
+                    summarize(ctx.budgets[tr], lm[tr], None, levels).items()})
     if held:
         un = summarize(ctx.budgets[~tr], local[~tr], union[~tr], levels)
+        if local_masked is not None:
+            un.update({k.replace("local/", "local_masked/", 1): v for k, v in
+                       summarize(ctx.budgets[~tr], lm[~tr], None, levels).items()})
         out.update({f"unseen/{k}": v for k, v in un.items()})
     return out
 

@@ -49,10 +49,17 @@ class HyperNet(NamedTuple):
     apply: Callable[..., Any]   # apply(phi, descriptor [D]) -> params pytree
 
 
-def entry_scales(template, generated):
+KERNEL_SCALES = ("he", "model")
+
+
+def entry_scales(template, generated, kernel_scale: str = "he"):
     """Per-entry affine map (a, b) of theta = a + b * u for the generated leaves, as flat
     float32 numpy vectors in leaf order. ``generated`` is a pytree of bools (template's
-    structure) naming the leaves the HN emits."""
+    structure) naming the leaves the HN emits. Kernels: ``kernel_scale="he"`` (SPEC §1.4)
+    b = sqrt(2 / fan_in); ``"model"``: b = the std of the template's own kernel leaf (the
+    target network's initial scale; ``template`` must then hold its initial values)."""
+    if kernel_scale not in KERNEL_SCALES:
+        raise ValueError(f"kernel_scale={kernel_scale!r}: one of {KERNEL_SCALES}")
     a_parts, b_parts = [], []
     flags = jax.tree.leaves(generated)
     for (path, leaf), gen in zip(jax.tree_util.tree_leaves_with_path(template), flags):
@@ -60,7 +67,9 @@ def entry_scales(template, generated):
             continue
         name = getattr(path[-1], "key", str(path[-1]))
         n = int(np.prod(leaf.shape))
-        if name == "kernel":
+        if name == "kernel" and kernel_scale == "model":
+            a, b = 0.0, float(np.std(np.asarray(leaf, np.float64)))
+        elif name == "kernel":
             fan_in = int(np.prod(leaf.shape[:-1]))
             a, b = 0.0, math.sqrt(2.0 / max(fan_in, 1))
         elif name == "scale":
@@ -79,18 +88,19 @@ def _dense_init(key, fan_in, fan_out):
 
 def chunked_hypernet(template, generated=None, *, hidden: int = 128, chunk_size: int = 16384,
                      chunk_dim: int = 64, gen_hidden: int = 256, dropout: float = 0.0,
-                     **unused) -> HyperNet:
+                     kernel_scale: str = "he", **unused) -> HyperNet:
     """SPEC §1.4's chunked HN for the target ``template`` pytree (shapes only are used).
 
     ``chunk_size=0`` (or any size >= P) gives one chunk (SPEC §1.4 item 5, the graph default).
     ``generated``: pytree of bools, the leaves to generate (default all); the others are
     returned as zeros and must be filled in by the caller (``generate="backbone"``).
+    ``kernel_scale``: the generated kernels' initial scale (:func:`entry_scales`).
     """
     del dropout, unused  # p_hn = 0 by default (SPEC §1.4); kept in the signature for configs
     generated = generated if generated is not None else jax.tree.map(lambda _: True, template)
     leaves, treedef = jax.tree.flatten(template)
     flags = jax.tree.leaves(generated)
-    a_vec, b_vec = entry_scales(template, generated)
+    a_vec, b_vec = entry_scales(template, generated, kernel_scale)
     p_gen = int(a_vec.size)
     if chunk_size < 0:
         raise ValueError(f"chunk_size={chunk_size}: an integer >= 1, or 0 for one chunk")
@@ -335,7 +345,8 @@ def build_hypernet(fc, template, generated, num_clients: int, seen_ids) -> Hyper
     return HYPERNETS[fc.hypernet](
         template, generated, hidden=fc.hn_hidden, chunk_size=fc.chunk_size,
         chunk_dim=fc.chunk_dim, gen_hidden=fc.gen_hidden, num_clients=num_clients,
-        seen_ids=seen_ids, embed_dim=fc.get("embed_dim", -1), layers=fc.get("hn_layers", 3))
+        seen_ids=seen_ids, embed_dim=fc.get("embed_dim", -1), layers=fc.get("hn_layers", 3),
+        kernel_scale=fc.get("gen_init", "he"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def build_problem(c, verbose=True) -> Problem:
 
 
 def build_image_problem(c) -> Problem:
-    from framp_jax.data.clients import label_counts, stack_clients, summary
+    from framp_jax.data.clients import label_counts, stack_clients, summary, validation_split
     from framp_jax.data.image_modality import ImageModality
     from framp_jax.data.partition import partition_vision
     from framp_jax.data.vision import get_normalization, load_vision_dataset
@@ -77,13 +77,23 @@ def build_image_problem(c) -> Problem:
     try:  # data-dependent limits (e.g. more clients than test samples): one line, not a trace
         part = partition_vision(ds.y_train, ds.y_test, c.num_clients, c.partition, c.alpha,
                                 c.seed, c.test_prior, c.classes_per_client, ds.num_classes)
-        tr = stack_clients(ds.x_train, ds.y_train, part.train)
+        # each client's share of validation data, cut from its training data (val_frac)
+        train_ids, val_ids = validation_split(ds.y_train, part.train, float(c.val_frac), c.seed)
+        tr = stack_clients(ds.x_train, ds.y_train, train_ids)
         te = stack_clients(ds.x_test, ds.y_test, part.test)
+        va = None
+        if c.val_frac > 0:
+            empty = [i for i, v in enumerate(val_ids) if len(v) == 0]
+            if empty:
+                raise ValueError(f"val_frac={c.val_frac} leaves client(s) {empty[:5]} without "
+                                 "validation samples (too few training samples); raise "
+                                 "val_frac or lower num_clients")
+            va = stack_clients(ds.x_train, ds.y_train, val_ids)
     except ValueError as e:
         raise DataError(f"{c.dataset} ({ds.info.get('file')}) cannot be split into "
                         f"num_clients={c.num_clients} clients with partition={c.partition}: "
                         f"{e}") from e
-    lc_train = label_counts(ds.y_train, part.train, ds.num_classes)
+    lc_train = label_counts(ds.y_train, train_ids, ds.num_classes)
     lc_test = label_counts(ds.y_test, part.test, ds.num_classes)
     budgets = C.assign_budgets(c)
     union_idx = np.sort(np.concatenate([np.asarray(i) for i in part.test]))
@@ -96,6 +106,13 @@ def build_image_problem(c) -> Problem:
         budgets=jnp.asarray(budgets, jnp.float32),
         label_counts=jnp.asarray(lc_train, jnp.float32),
         union_x=jnp.asarray(ds.x_test[union_idx]), union_y=jnp.asarray(ds.y_test[union_idx], jnp.int32))
+    if va is not None:
+        val_union = np.sort(np.concatenate(val_ids))
+        data = data._replace(
+            val_x=jnp.asarray(va.x), val_y=jnp.asarray(va.y, jnp.int32),
+            val_count=jnp.asarray(va.count, jnp.int32),
+            union_val_x=jnp.asarray(ds.x_train[val_union]),
+            union_val_y=jnp.asarray(ds.y_train[val_union], jnp.int32))
     modality = ImageModality(mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
                              augment=bool(c.augment))
     family = model_family(c.model, ds.num_classes, ds.x_train.shape[1:], conv_impl=c.conv_impl,
@@ -107,7 +124,8 @@ def build_image_problem(c) -> Problem:
     ctx = make_context(c, family, modality, ds.num_classes, budgets, train_ids, local)
     info = dict(ds.info)
     info.update(num_classes=ds.num_classes, union_size=int(len(union_idx)),
-                heldout_ids=held.tolist())
+                heldout_ids=held.tolist(), val_frac=float(c.val_frac),
+                val_size=int(sum(len(v) for v in val_ids)))
     text = summary(lc_train, lc_test, budgets)
     return Problem(c, data, ctx.model, ctx, info, text)
 

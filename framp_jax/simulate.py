@@ -29,6 +29,8 @@ def hashed_config(c) -> dict:
     config.json): all but those that may change between a run and its resumption."""
     d = json.loads(c.to_json_best_effort()) if hasattr(c, "to_json_best_effort") else dict(c)
     d.pop("_resolved", None)  # config.json's record of the data and the machine
+    if str(d.get("dataset")) in C.GRAPH_DATASETS:
+        d.pop("val_frac", None)  # graphs use their validation nodes: the field does nothing
     for k in ("rounds", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_last",
               "data_dir", "union_subset", "eval_model_chunk", "mesh_clients", "conv_impl",
               "max_loss_ratio"):
@@ -47,6 +49,7 @@ def hashed_config(c) -> dict:
 # run's computation unchanged: hashed_config drops them at that value.
 HASH_STABLE_DEFAULTS = {
     "compute_dtype": "float32",
+    "val_frac": 0.0,
     "diagnostics": False,
     "record_mask_reuse": False,
     "framp.hn_steps": 1,
@@ -55,6 +58,8 @@ HASH_STABLE_DEFAULTS = {
     "framp.residual_scale": 0.1,
     "framp.residual_head": True,
     "framp.hist_smoothing": 0.0,
+    "framp.descriptor_control": "none",
+    "framp.gen_init": "he",
     "framp.head_in_topk": True,
 }
 
@@ -224,7 +229,7 @@ def _run(c, workdir: str, resume: bool, progress: bool, log, warn, closers) -> d
     replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     round_fn = jax.jit(round_counter, donate_argnums=(0,),
                        **({} if replicated is None else {"out_shardings": replicated}))
-    evaluate = make_evaluator(alg, prob.ctx, c.eval_batch, c.eval_model_chunk)
+    evaluate = make_evaluator(alg, prob.ctx, c.eval_batch, c.eval_model_chunk, with_masked=True)
     diagnose = None
     if c.get("diagnostics", False):  # diag/ metrics at every evaluation (framp_jax/diagnostics.py)
         from framp_jax.diagnostics import make_diagnostics
@@ -272,12 +277,17 @@ def _run(c, workdir: str, resume: bool, progress: bool, log, warn, closers) -> d
 
     def do_eval(t, full):
         ux, uy = (data.union_x, data.union_y) if full else (ux_sub, uy_sub)
-        la, ua = dist.to_host(evaluate(state, data, ux, uy))
+        la, lm, ua = dist.to_host(evaluate(state, data, ux, uy))
         if full:
             final_clients.update({k: [None if not np.isfinite(x) else float(x) for x in
                                       np.asarray(v)] for k, v in (("local", la), ("union", ua))})
-        m = eval_metrics(c, prob.ctx, la, ua)
+        m = eval_metrics(c, prob.ctx, la, ua, lm)
         m["union_samples"] = int(jnp.sum(uy >= 0))
+        val = data.validation()  # model selection reads these (val/ metrics), on every eval
+        if val is not None:
+            vl, vm, vu = dist.to_host(evaluate(state, val, val.union_x, val.union_y))
+            m.update({f"val/{k}": v for k, v in eval_metrics(c, prob.ctx, vl, vu, vm).items()})
+            m["val/union_samples"] = int(jnp.sum(val.union_y >= 0))
         if diagnose is not None:
             m.update(diagnose(state, data, ux, uy))  # host values (dist.to_host inside)
         return m
@@ -376,7 +386,9 @@ def make_results(c, history, wall, compiles, prob, setup_s=0.0):
     keys = sorted({k for h in lastk for k in h if k != "round"})
     mean_last = {k: float(np.mean([h[k] for h in lastk if k in h])) for k in keys}
     final = {}
-    for split in ("local", "union", "unseen/local", "unseen/union"):
+    for split in ("local", "union", "local_masked", "unseen/local", "unseen/union",
+                  "unseen/local_masked", "val/local", "val/union", "val/local_masked",
+                  "val/unseen/local", "val/unseen/union", "val/unseen/local_masked"):
         d = {k[len(split) + 1:]: v for k, v in mean_last.items() if k.startswith(split + "/")}
         if d:
             final[split] = d

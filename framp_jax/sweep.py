@@ -52,7 +52,7 @@ from typing import Any
 
 from framp_jax.errors import FrampError
 
-__all__ = ["Run", "grid", "ablations", "sibling_module", "load_sweep", "resolve", "run_sweep", "SweepError",
+__all__ = ["Run", "grid", "ablations", "before_validation", "BEFORE_VALIDATION", "sibling_module", "load_sweep", "resolve", "run_sweep", "SweepError",
            "select_runs", "sweep_status", "format_status",
            "run_state", "format_override"]
 
@@ -101,6 +101,17 @@ def grid(variants: Mapping[str, Any], seeds: Sequence[int] = (0, 1, 2),
                 out.append(Run(f"{vname}{suffix}_seed{s}", preset,
                                {**(common or {}), **ov, **extra, "seed": s}))
     return out
+
+
+# The run fields of every sweep made before the fair-comparison protocol (results/sweeps/FAIR.md):
+# no validation split, one graph split for every seed. Sweep files of those studies apply it
+# (:func:`before_validation`) so that their finished runs keep their config hash.
+BEFORE_VALIDATION = {"val_frac": 0.0, "graph_split_seed": 123}
+
+
+def before_validation(runs: Sequence[Run]) -> list[Run]:
+    """``runs`` with :data:`BEFORE_VALIDATION` under their own overrides."""
+    return [dataclasses.replace(r, overrides={**BEFORE_VALIDATION, **r.overrides}) for r in runs]
 
 
 def ablations(name: str, preset: str, changes: Mapping[str, Mapping[str, Any]],

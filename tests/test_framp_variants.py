@@ -222,16 +222,19 @@ def test_new_fields_at_default_keep_the_config_hash():
 
 
 def test_committed_runs_keep_their_hash():
-    """A preset's config today hashes as the committed run made from it did."""
+    """A preset's config today, with the run fields of the sweeps made before the validation
+    protocol (sweep.BEFORE_VALIDATION), hashes as the committed run made from it did."""
     import json
     import os
-    from framp_jax.sweep import _load_preset
+    from framp_jax.sweep import BEFORE_VALIDATION, _load_preset
     root = os.path.join(os.path.dirname(__file__), "..")
     for run, preset in (("results/sweeps/cifar10_cpu/fedavg_seed0", "fedavg_cifar10_cpu.py"),
-                        ("results/sweeps/cora/framp_spec_seed1", "framp_cora_spec.py")):
+                        ("results/sweeps/cora/framp_spec_seed1", "framp_cora.py")):
         stored = json.load(open(os.path.join(root, run, "config.json")))
         c = _load_preset(os.path.join(root, "experiments/configs", preset))
         c.seed = stored["seed"]
+        for k, v in BEFORE_VALIDATION.items():
+            c[k] = v
         assert simulate.config_hash(c) == stored["_resolved"]["config_hash"], run
 
 

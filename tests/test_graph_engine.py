@@ -181,13 +181,13 @@ def test_graph_config_validation():
     keys = ("dataset", "seed", "graph_split_seed", "num_clients", "clients_per_round", "rounds",
             "local_steps", "lr", "weight_decay", "dropout", "budget_levels", "budget_dist")
     ref = _preset("fedavg_cora")
-    for name in ("local_cora", "framp_cora", "framp_cora_spec", "fiarse_cora", "scalefl_cora",
+    for name in ("local_cora", "framp_cora", "hybrid_cora", "fiarse_cora", "scalefl_cora",
                  "heterofl_cora", "fedrolex_cora"):
         c = _preset(name)
         # FIARSE refuses weight decay (pruned entries would move and count as trained)
         same = [k for k in keys if not (name == "fiarse_cora" and k == "weight_decay")]
         assert all(c[k] == ref[k] for k in same), name
-        assert c.method == name.split("_")[0]
+        assert c.method == {"hybrid": "framp"}.get(name.split("_")[0], name.split("_")[0])
 
 
 @needs_cora
@@ -234,7 +234,7 @@ def test_short_cora_run(tmp_path, method):
 
 
 @needs_cora
-@pytest.mark.parametrize("preset", ["framp_cora_spec", "framp_cora"])
+@pytest.mark.parametrize("preset", ["framp_cora", "hybrid_cora"])
 def test_short_cora_framp_run_with_diagnostics(tmp_path, preset):
     """config.diagnostics on a graph run (union labels are a [clients, nodes] grid): the Union
     split into present/absent classes and the cosines are recorded, for SPEC's FRAMP and for the
@@ -245,7 +245,7 @@ def test_short_cora_framp_run_with_diagnostics(tmp_path, preset):
     c.data_dir = str(SHARED)
     c.rounds, c.eval_every, c.local_steps, c.gcn_hidden = 2, 1, 2, 16
     c.diagnostics = True
-    assert (c.framp.base == "fedavg") == (preset == "framp_cora")
+    assert (c.framp.base == "fedavg") == (preset == "hybrid_cora")
     res = run(c, str(tmp_path), progress=False, log=lambda *a: None)
     assert res["compiles"] == 1
     rows = read_metrics_csv(str(tmp_path / "metrics.csv"))

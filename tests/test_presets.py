@@ -20,12 +20,29 @@ def _load(name):
     return C.sibling_config(str(CONFIGS / "x.py"), name)
 
 
+# our variants of a method carry their own names (a preset named after a paper's method runs
+# that method): name prefix -> the registered method it configures
+VARIANTS = {"hybrid": "framp"}
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_loads_and_validates(name):
     c = _load(name)
     C.validate(c)
-    assert name.startswith(c.method + "_"), (name, c.method)
-    assert name[len(c.method) + 1:-3].startswith(c.dataset), (name, c.dataset)
+    prefix = next((v for v, m in VARIANTS.items() if name.startswith(v + "_")), c.method)
+    assert name.startswith(prefix + "_"), (name, c.method)
+    assert VARIANTS.get(prefix, c.method) == c.method, (name, c.method)
+    assert name[len(prefix) + 1:-3].startswith(c.dataset), (name, c.dataset)
+
+
+@pytest.mark.parametrize("name", ["framp_cifar10_cpu.py", "framp_cora.py"])
+def test_framp_presets_run_spec_framp_and_the_hybrid_is_named_apart(name):
+    """framp_* runs SPEC's FRAMP (no shared global model, SPEC §1.1); the hybrid (a FedAvg base
+    plus the hypernetwork's residual, ours) is hybrid_*."""
+    c = _load(name)
+    assert c.method == "framp" and c.framp.base == "none" and c.framp.residual_head
+    h = _load(name.replace("framp_", "hybrid_"))
+    assert h.method == "framp" and h.framp.base == "fedavg"
 
 
 def test_every_method_has_its_cora_preset_and_framp_its_paper_scale_ones():

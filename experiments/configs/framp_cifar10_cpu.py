@@ -1,24 +1,18 @@
-"""FRAMP, small CNN on real CIFAR-10 (the same data, clients, budgets, rounds and seed as
-fedavg_cifar10_cpu.py), in the configuration chosen by the FRAMP design study
-(results/sweeps/FRAMP_STUDY.md) on its declared criterion, score = (Local mean + Union mean) / 2
-over seeds 0, 1, 2 (experiments/sweeps/framp_base_cifar10.py):
-
-- ``framp.base="fedavg"`` (ours, not SPEC): each generated model is a shared base plus
-  ``framp.residual_scale`` (0.1) x the hypernetwork's residual; the server moves the base by the
-  clients' averaged updates (holders-mean) and still updates the hypernetwork by the VJP of the
-  clients' deltas;
-- ``framp.residual_head=False`` (ours): every client gets the shared base's classifier, the
-  residual personalises the feature extractor only.
-
-SPEC's FRAMP is ``framp_cifar10_cpu_spec.py`` (also: ``--config.framp.base=none
---config.framp.residual_head=true``)."""
+"""SPEC's FRAMP (the paper's method as SPEC documents it), small CNN on real CIFAR-10: the same
+data, clients, budgets, rounds and seed as fedavg_cifar10_cpu.py. ``hybrid_cifar10_cpu.py``
+is our hybrid (a shared FedAvg base plus a hypernetwork residual, not SPEC's FRAMP); the design
+study's sweep files start from this one."""
 from framp_jax.config import sibling_config
 
-CHOSEN = {"base": "fedavg", "residual_head": False}
+
+def _base():
+    return sibling_config(__file__, "fedavg_cifar10_cpu.py")
 
 
 def get_config():
-    c = sibling_config(__file__, "framp_cifar10_cpu_spec.py")
-    for k, v in CHOSEN.items():
-        c.framp[k] = v
+    c = _base()
+    c.method = "framp"
+    c.framp.chunk_size = 4096   # 39 chunks for the 156k-parameter CNN
+    c.framp.proto_samples = 500  # prototypes from 500 of each client's 2500 samples (CPU time)
+    c.framp.unseen_budgets = (1 / 256, 1 / 2)  # zero-shot at budgets never trained on
     return c

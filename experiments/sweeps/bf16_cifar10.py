@@ -7,9 +7,13 @@ seed noise (seeds 0, 1, 2 each; report them together:
 
     framp-jax sweep --sweep experiments/sweeps/bf16_cifar10.py --workdir runs/bf16_cifar10
 """
-from framp_jax.sweep import grid
+from framp_jax.sweep import grid, before_validation
+
+
+def _sweep():
+    return grid({m: f"../configs/{m}_cifar10_cpu.py" for m in ("fedavg", "fiarse")},
+                seeds=(0, 1, 2), common={"compute_dtype": "bfloat16"})
 
 
 def get_sweep():
-    return grid({m: f"../configs/{m}_cifar10_cpu.py" for m in ("fedavg", "fiarse")},
-                seeds=(0, 1, 2), common={"compute_dtype": "bfloat16"})
+    return before_validation(_sweep())  # made before the validation protocol (FAIR.md)

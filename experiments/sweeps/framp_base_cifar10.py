@@ -9,7 +9,7 @@ global top-k extraction, prototype alignment). Beside it, SPEC's default FRAMP w
 diagnostics (Union split into classes present/absent in the client's data, cosine similarity of
 the clients' generated models). ``framp.residual_head=False`` (ours) keeps the base's
 classifier for every client (the residual personalises the feature extractor only). Everything
-else is SPEC's FRAMP, ``framp_cifar10_cpu_spec.py``.
+else is SPEC's FRAMP, ``framp_cifar10_cpu.py``.
 
 Selection criterion, declared before any of these runs: score = (Local mean + Union mean) / 2
 of results.json "final", averaged over seeds 0, 1, 2; a variant replaces the preset default
@@ -17,9 +17,9 @@ only if its score beats the default's.
 
     framp-jax sweep --sweep experiments/sweeps/framp_base_cifar10.py --workdir runs/framp_base_cifar10
 """
-from framp_jax.sweep import grid
+from framp_jax.sweep import grid, before_validation
 
-PRESET = "../configs/framp_cifar10_cpu_spec.py"
+PRESET = "../configs/framp_cifar10_cpu.py"
 
 
 def variants():
@@ -40,5 +40,9 @@ def variants():
     }
 
 
-def get_sweep():
+def _sweep():
     return grid(variants(), seeds=(0, 1, 2), common={"diagnostics": True})
+
+
+def get_sweep():
+    return before_validation(_sweep())  # made before the validation protocol (FAIR.md)

@@ -7,19 +7,23 @@ The candidate, fixed before any of these runs: ``framp.base="fedavg"`` with
 the feature extractor, every client gets the shared base's classifier; see
 ``framp_base_cifar10.py``), the best 3-seed score on CIFAR-10 when this file was written.
 Everything else is the setting's SPEC FRAMP preset (``*_spec.py``); the FRAMP presets
-``framp_cora.py`` and ``framp_cifar10_cpu.py`` now hold this configuration. Criterion as on CIFAR-10: score = (Local mean +
+``hybrid_cora.py`` and ``hybrid_cifar10_cpu.py`` now hold this configuration. Criterion as on CIFAR-10: score = (Local mean +
 Union mean) / 2 of results.json "final", averaged over seeds 0, 1, 2.
 
     framp-jax sweep --sweep experiments/sweeps/framp_confirm.py --workdir runs/framp_confirm
 """
-from framp_jax.sweep import grid
+from framp_jax.sweep import grid, before_validation
 
 CHOSEN = {"framp.base": "fedavg", "framp.residual_head": False}
 
 
-def get_sweep():
-    cora = grid({"cora_framp_base_sharedhead": ("../configs/framp_cora_spec.py", CHOSEN)},
+def _sweep():
+    cora = grid({"cora_framp_base_sharedhead": ("../configs/framp_cora.py", CHOSEN)},
                 seeds=(0, 1, 2), common={"diagnostics": True})
-    c100 = grid({"c100a005_framp_base_sharedhead": ("../configs/framp_cifar10_cpu_spec.py", CHOSEN)},
+    c100 = grid({"c100a005_framp_base_sharedhead": ("../configs/framp_cifar10_cpu.py", CHOSEN)},
                 seeds=(0, 1, 2), common={"dataset": "cifar100", "alpha": 0.05, "diagnostics": True})
     return cora + c100
+
+
+def get_sweep():
+    return before_validation(_sweep())  # made before the validation protocol (FAIR.md)

@@ -15,12 +15,16 @@ rounds (ScaleFL, whose distillation starts at a fraction of them, is not here), 
       [ -d runs/cifar10_cpu/${v}_seed$s/checkpoints ] && cp -a runs/cifar10_cpu/${v}_seed$s runs/framp_convergence_cifar10/; done; done
     framp-jax sweep --sweep experiments/sweeps/framp_convergence_cifar10.py --workdir runs/framp_convergence_cifar10
 """
-from framp_jax.sweep import grid, sibling_module
+from framp_jax.sweep import grid, sibling_module, before_validation
 
 METHODS = ("framp", "fiarse", "heterofl", "fedavg", "local", "framp_spec")
 
 
-def get_sweep():
+def _sweep():
     variants = sibling_module(__file__, "cifar10_cpu.py").variants()
     return grid({m: variants[m] for m in METHODS}, seeds=(0, 1, 2),
                 common={"rounds": 600, "checkpoint_every": 50})
+
+
+def get_sweep():
+    return before_validation(_sweep())  # made before the validation protocol (FAIR.md)

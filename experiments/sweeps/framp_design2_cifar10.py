@@ -1,5 +1,5 @@
 """FRAMP design study (issue 14), second set of one-at-a-time changes from SPEC's default FRAMP
-(``framp_cifar10_cpu_spec.py``, diagnostics on), for the options of the issue's list that
+(``framp_cifar10_cpu.py``, diagnostics on), for the options of the issue's list that
 ``framp_design_cifar10.py`` left out:
 
 - the alignment's form: ``framp.align="batch_proto"`` (each batch's own class means aligned to
@@ -22,7 +22,7 @@ order, so that a stopped sweep leaves whole changes.
 
     framp-jax sweep --sweep experiments/sweeps/framp_design2_cifar10.py --workdir runs/framp_design2_cifar10
 """
-from framp_jax.sweep import ablations
+from framp_jax.sweep import ablations, before_validation
 
 CHANGES = {
     "batch_proto": {"framp.align": "batch_proto"},
@@ -35,7 +35,11 @@ CHANGES = {
 }
 
 
-def get_sweep():
-    runs = ablations("framp", "../configs/framp_cifar10_cpu_spec.py", CHANGES, seeds=(0, 1, 2),
+def _sweep():
+    runs = ablations("framp", "../configs/framp_cifar10_cpu.py", CHANGES, seeds=(0, 1, 2),
                      base={"diagnostics": True})
     return [r for r in runs if r.name.split("_seed")[0] != "framp"]  # the default: framp_base_cifar10.py's framp_diag
+
+
+def get_sweep():
+    return before_validation(_sweep())  # made before the validation protocol (FAIR.md)

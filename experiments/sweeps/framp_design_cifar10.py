@@ -1,5 +1,5 @@
 """FRAMP design study (issue 14), one change at a time from SPEC's default FRAMP
-(``framp_cifar10_cpu_spec.py``), 3 seeds each, with the diagnostics on:
+(``framp_cifar10_cpu.py``), 3 seeds each, with the diagnostics on:
 
 - the server update of the HN: Adam lr 3e-3 and 1e-2, pFedHN's SGD + momentum (lr 1e-2), sum
   instead of mean over clients, 5 HN steps per round, one chunk (chunk_size 0);
@@ -22,7 +22,7 @@ not as a result.
 
     framp-jax sweep --sweep experiments/sweeps/framp_design_cifar10.py --workdir runs/framp_design_cifar10
 """
-from framp_jax.sweep import ablations
+from framp_jax.sweep import ablations, before_validation
 
 CHANGES = {
     "hnlr3e-3": {"framp.hn_lr": 3e-3},
@@ -53,7 +53,11 @@ CHANGES = {
 }
 
 
-def get_sweep():
-    runs = ablations("framp", "../configs/framp_cifar10_cpu_spec.py", CHANGES, seeds=(0, 1, 2),
+def _sweep():
+    runs = ablations("framp", "../configs/framp_cifar10_cpu.py", CHANGES, seeds=(0, 1, 2),
                      base={"diagnostics": True})
     return [r for r in runs if r.name.split("_seed")[0] != "framp"]  # the default: framp_base_cifar10.py's framp_diag
+
+
+def get_sweep():
+    return before_validation(_sweep())  # made before the validation protocol (FAIR.md)

@@ -28,6 +28,22 @@ class FedData(NamedTuple):
     label_counts: Any  # float32 [N, K] train label histogram
     union_x: Any      # the union of the clients' test data (full test set for vision)
     union_y: Any
+    # validation (model selection only; no training step reads it): each client's own
+    # validation data (vision: a stratified share ``config.val_frac`` of its training data;
+    # graphs: its validation nodes) and their union; None when the run has none
+    val_x: Any = None
+    val_y: Any = None
+    val_count: Any = None
+    union_val_x: Any = None
+    union_val_y: Any = None
+
+    def validation(self):
+        """This data with the validation split in the test fields (the evaluator reads those),
+        or None when there is no validation data."""
+        if self.val_y is None:
+            return None
+        return self._replace(test_x=self.val_x, test_y=self.val_y, test_count=self.val_count,
+                             union_x=self.union_val_x, union_y=self.union_val_y)
 
 
 class EvalGroup(NamedTuple):
@@ -35,9 +51,6 @@ class EvalGroup(NamedTuple):
     params: Any               # stacked [len(client_ids), ...] if per_client else one model
     client_ids: np.ndarray    # static ids of the clients this group serves
     per_client: bool = True
-    # optional ``local_logits_fn(logits, label_counts_row)`` applied in the Local evaluation only
-    # (HeteroFL's label-masked logits); the client's train label counts are passed.
-    local_logits_fn: Callable | None = None
 
 
 class Algorithm(NamedTuple):

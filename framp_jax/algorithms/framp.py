@@ -34,7 +34,8 @@ from framp_jax.algorithms.rounds import (draw_cohort, fiarse_paper_factor, finit
                                          round_metrics, state_item, take_clients, train_cohort)
 from framp_jax.config import check
 from framp_jax.client import class_prototypes, local_train
-from framp_jax.descriptors import compute_descriptors, with_budget
+from framp_jax.descriptors import (DESCRIPTOR_CONTROLS, compute_descriptors, control_descriptors,
+                                   with_budget)
 from framp_jax.hypernet import build_hypernet, hn_optimizer
 from framp_jax.losses import ALIGN_FNS, cross_entropy
 
@@ -52,6 +53,9 @@ def framp_defaults() -> mlc.ConfigDict:
     f.chunk_size = 16384                # 0 = one chunk of all P entries (FedSheafHN's single head)
     f.chunk_dim = 64
     f.gen_hidden = 256
+    f.gen_init = "he"                   # generated kernels' initial scale: he (SPEC §1.4,
+    #                                     sqrt(2/fan_in)) | model (the target network's own
+    #                                     initial std per kernel; chunked HN only)
     f.generate = "all"                  # | backbone (per-client local classifier)
     f.head_in_topk = True               # False: the classifier is left out of the top-k and
     #                                     kept whole at every budget (ours, not SPEC)
@@ -80,11 +84,18 @@ def framp_defaults() -> mlc.ConfigDict:
     f.hn_steps = 1                      # HN optimizer steps per round (>1: steps on the
     #                                     clients' masked squared distance, see round_fn)
     f.hist_smoothing = 0.0              # label_hist descriptor: (n_ik + a) / (n_i + K a)
+    f.descriptor_control = "none"       # controls (the descriptor's content taken out, its budget
+    #                                     code kept): permute = each client gets another
+    #                                     client's data part (a seeded cyclic derangement over
+    #                                     all clients); random = a random code per client
+    #                                     (label_hist: a uniform-Dirichlet histogram; func_emb: a
+    #                                     random unit vector)
     # ours, not in SPEC: theta_i = base + residual_scale * (HN(desc_i) - HN offset), with a
     # server-held shared base moved by base_lr x the holders-mean of the clients' updates
     f.base = "none"                     # | fedavg
     f.base_lr = 1.0
-    f.residual_scale = 0.1
+    f.residual_scale = 0.1              # 0 with base="fedavg": the -HN control (SPEC §3.1): the
+    #                                     shared base + top-k + alignment, no hypernetwork output
     f.residual_head = True              # False: the classifier is the shared base's (no residual)
     f.eval_mode = "generated"           # | finetuned
     f.finetune_steps = 20               # local steps before evaluation in finetuned mode
@@ -105,7 +116,10 @@ def validate_options(c, f) -> None:
             "proto_timing": ("post_eval", "last_epoch_train")}
     for k, allowed in opts.items():
         check(f[k] in allowed, f"framp.{k}", f[k], f"one of {allowed}")
-    from framp_jax.hypernet import HYPERNETS
+    from framp_jax.hypernet import HYPERNETS, KERNEL_SCALES
+    check(f.gen_init in KERNEL_SCALES, "framp.gen_init", f.gen_init, f"one of {KERNEL_SCALES}")
+    check(f.gen_init == "he" or f.hypernet == "chunked", "framp.gen_init", f.gen_init,
+          "'he' unless hypernet='chunked' (pfedhn starts with torch's default init)")
     check(f.hypernet in HYPERNETS, "framp.hypernet", f.hypernet, f"one of {tuple(HYPERNETS)}")
     check(isinstance(f.proto_samples, int) and f.proto_samples >= 0, "framp.proto_samples",
            f.proto_samples, "an integer >= 0 (0 = every training sample)")
@@ -138,7 +152,16 @@ def validate_options(c, f) -> None:
     check(f.base == "none" or (f.extraction == "topk" and f.generate == "all"), "framp.base",
           f.base, "'none' unless extraction='topk' and generate='all'")
     check(f.base_lr > 0, "framp.base_lr", f.base_lr, "> 0")
-    check(f.residual_scale > 0, "framp.residual_scale", f.residual_scale, "> 0")
+    check(f.residual_scale > 0 or (f.residual_scale == 0 and f.base != "none"),
+          "framp.residual_scale", f.residual_scale,
+          "> 0, or 0 with base='fedavg' (the -HN control: the base alone)")
+    check(f.descriptor_control in DESCRIPTOR_CONTROLS, "framp.descriptor_control",
+          f.descriptor_control, f"one of {DESCRIPTOR_CONTROLS}")
+    check(f.descriptor_control == "none"
+          or f.descriptor in ("label_hist+budget", "func_emb+budget"),
+          "framp.descriptor_control", f.descriptor_control,
+          "'none' unless descriptor is label_hist+budget or func_emb+budget (the others carry "
+          "no client data to take out)")
     check(isinstance(f.residual_head, bool), "framp.residual_head", f.residual_head, "True or False")
     check(isinstance(f.head_in_topk, bool), "framp.head_in_topk", f.head_in_topk, "True or False")
     check(f.head_in_topk or f.extraction == "topk", "framp.head_in_topk", f.head_in_topk,
@@ -312,6 +335,9 @@ def build(ctx: Context, fc) -> FrampInternals:
         desc = compute_descriptors(fc.descriptor, model, ctx, data, fc.func_emb_steps,
                                    hist_smoothing=fc.hist_smoothing)
         mkey = model_init_key(ctx, key)
+        if fc.descriptor_control != "none":
+            desc = control_descriptors(desc, fc.descriptor, fc.descriptor_control,
+                                       jax.random.fold_in(mkey, 2))
         phi = hn.init(jax.random.fold_in(mkey, 1), desc[jnp.asarray(ctx.train_ids)])
         heads = None
         if backbone:

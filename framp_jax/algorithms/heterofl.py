@@ -63,7 +63,8 @@ def heterofl_defaults() -> mlc.ConfigDict:
     h = mlc.ConfigDict()
     h.backbone = "preact"          # preact (HeteroFL's model) | same (the engine's c.model)
     h.rates = (1.0, 0.5, 0.25, 0.125)  # width rate per budget level (aligned with budget_levels)
-    h.label_mask = True            # masked CE in training and Local evaluation
+    h.label_mask = True            # masked CE in training (evaluation is the same for every
+    #                                method: Local on plain logits, local_masked/ beside it)
     h.labelwise_output = True      # output rows aggregated only from clients with that label
     h.lr_milestones = ()           # MultiStepLR milestones in rounds (paper: 300, 500)
     h.lr_gamma = 0.1
@@ -291,10 +292,6 @@ def _eval_apply(model, ps, x, *, train=False, rng=None):
     return model.apply(ps["params"], x, train=False, bn_stats=ps["bn_stats"])
 
 
-def _masked_logits(logits, label_counts_row):
-    return label_masked_logits(logits, label_counts_row > 0)
-
-
 # ---------------------------------------------------------------------------------------------
 # the algorithm
 
@@ -406,8 +403,7 @@ def width_method(ctx: Context, name: str, opts, index_fn: Callable, per_client_i
                                        opts.sbn_batch, ctx.modality, opts.sbn_augment,
                                        jax.random.fold_in(ctx.init_key(), 7))
             groups.append(EvalGroup(functools.partial(_eval_apply, model),
-                                    {"params": sub, "bn_stats": stats}, ids, per_client=False,
-                                    local_logits_fn=_masked_logits if opts.label_mask else None))
+                                    {"params": sub, "bn_stats": stats}, ids, per_client=False))
         return groups
 
     return Algorithm(name, init, round_fn, eval_groups)

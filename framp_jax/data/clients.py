@@ -11,7 +11,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-__all__ = ["ClientArrays", "stack_clients", "label_counts", "summary"]
+__all__ = ["ClientArrays", "stack_clients", "label_counts", "summary", "validation_split"]
 
 
 class ClientArrays(NamedTuple):
@@ -69,6 +69,39 @@ def stack_clients(x: np.ndarray, y: np.ndarray, index_lists: Sequence,
         xs[i, : len(a)] = x[a]
         ys[i, : len(a)] = y[a]
     return ClientArrays(xs, ys, counts.astype(np.int32))
+
+
+def validation_split(y: np.ndarray, index_lists: Sequence, frac: float, seed: int):
+    """Each client's training indices cut into (train, validation), stratified by label: of the
+    ``n_ik`` samples of class k held by client i, ``floor(frac * n_ik + 1/2)`` go to
+    validation, chosen by a permutation seeded with ``SeedSequence([seed, 8, i])`` (a stream
+    of its own, apart from the partition's). ``frac=0`` leaves every index in train. Order
+    within each part follows the client's index list. Returns two lists of int64 arrays.
+
+    A class a client holds once stays in train for frac < 1/2, so a client never loses a class
+    it holds a single sample of; every client keeps at least one training sample.
+    """
+    y = np.asarray(y)
+    train, val = [], []
+    for i, ix in enumerate(index_lists):
+        a = _index_array(ix, i, len(y))
+        if frac <= 0 or a.size == 0:
+            train.append(a)
+            val.append(a[:0])
+            continue
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), 8, i]))
+        is_val = np.zeros(a.size, bool)
+        lab = y[a]
+        for k in np.unique(lab):
+            pos = np.flatnonzero(lab == k)
+            take = int(np.floor(frac * pos.size + 0.5))
+            if take:
+                is_val[rng.permutation(pos)[:take]] = True
+        if is_val.all():  # keep one training sample (only possible for frac >= 1/2)
+            is_val[0] = False
+        train.append(a[~is_val])
+        val.append(a[is_val])
+    return train, val
 
 
 def label_counts(y: np.ndarray, index_lists: Sequence, num_classes: int) -> np.ndarray:

@@ -55,7 +55,7 @@ def graph_fed_arrays(padded, budgets, num_classes: int, features: str = "dense")
     """FedData (device arrays) from a :class:`~framp_jax.data.graph_partition.PaddedGraphs`.
 
     Labels outside a split are ``-1``: ``train_y`` keeps train nodes only, ``test_y`` (= ``union_y``)
-    test nodes only. The graph arrays are put on the device once and shared by the train, test
+    test nodes only, ``val_y`` (= ``union_val_y``) validation nodes only. The graph arrays are put on the device once and shared by the train, test
     and union fields. ``features="sparse"`` stores the node features as
     :class:`~framp_jax.models.gcn.SparseFeatures` (zero-valued padding entries at each client's
     last, padding node).
@@ -83,11 +83,15 @@ def graph_fed_arrays(padded, budgets, num_classes: int, features: str = "dense")
                         n_edge=jnp.asarray(g.n_edge))
     x = GraphClients(graphs, jnp.asarray(padded.node_mask, bool))
     test_y_dev = jnp.asarray(test_y)
+    val_m = np.asarray(padded.val_mask, bool)
+    val_y = jnp.asarray(np.where(val_m, labels, -1).astype(np.int32))
     return FedData(
         train_x=x, train_y=jnp.asarray(train_y), train_count=jnp.asarray(train_m.sum(1), jnp.int32),
         test_x=x, test_y=test_y_dev, test_count=jnp.asarray(test_m.sum(1), jnp.int32),
         budgets=jnp.asarray(budgets, jnp.float32), label_counts=jnp.asarray(lc),
-        union_x=x, union_y=test_y_dev)
+        union_x=x, union_y=test_y_dev,
+        val_x=x, val_y=val_y, val_count=jnp.asarray(val_m.sum(1), jnp.int32),
+        union_val_x=x, union_val_y=val_y)
 
 
 def _correct(apply_fn, params, graph, y, logits_fn=None):
