@@ -40,10 +40,17 @@ flags.DEFINE_bool("status", False, "framp-jax sweep: print each run's state (fin
 flags.DEFINE_string("out", None, "framp-jax report: output directory (REPORT.md and plots).")
 FLAGS = flags.FLAGS
 
-COMMANDS = ("train", "sweep", "report")
+COMMANDS = ("train", "sweep", "report", "select")
 
 
 def _sweep_or_report(cmd):
+    if cmd[0] == "select":
+        if len(cmd) != 1 or FLAGS.sweep is None or FLAGS.workdir is None:
+            raise app.UsageError("usage: framp-jax select --sweep TUNING_SWEEP_FILE --workdir DIR")
+        from framp_jax.selection import markdown, write_selection
+        print(markdown(write_selection(FLAGS.sweep, FLAGS.workdir)), end="")
+        print(f"selection: {FLAGS.workdir}/selection.json")
+        return
     if cmd[0] == "report":
         if len(cmd) < 2 or FLAGS.out is None:
             raise app.UsageError("usage: framp-jax report RUN_OR_SWEEP_DIR... [BENCH_SERVER.json] --out DIR")
@@ -64,7 +71,7 @@ def _sweep_or_report(cmd):
 
 def _main(argv):
     cmd = argv[1:]
-    if cmd[:1] == ["sweep"] or cmd[:1] == ["report"]:
+    if cmd[:1] in (["sweep"], ["report"], ["select"]):
         return _sweep_or_report(cmd)
     if len(cmd) != 1 or cmd[0] not in COMMANDS:
         raise app.UsageError(f"usage: framp-jax {{{','.join(COMMANDS)}}} --config FILE --workdir DIR "

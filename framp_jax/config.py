@@ -140,6 +140,8 @@ def validate(c: mlc.ConfigDict) -> None:
            ">= 0 (0 disables the loss-explosion stop)")
     check(c.lr > 0, "lr", c.lr, "a learning rate > 0")
     check(0 <= c.momentum < 1, "momentum", c.momentum, "in [0, 1)")
+    check(c.momentum == 0 or ds not in GRAPH_DATASETS, "momentum", c.momentum,
+          "0 for graph datasets (their clients train with Adam, which has no momentum option)")
     check(c.weight_decay >= 0, "weight_decay", c.weight_decay, ">= 0")
     check(c.grad_clip >= 0, "grad_clip", c.grad_clip, ">= 0 (0 disables)")
     check(c.partition in PARTITIONS, "partition", c.partition, f"one of {PARTITIONS}")

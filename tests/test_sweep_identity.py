@@ -13,7 +13,8 @@ from framp_jax.simulate import config_hash
 from framp_jax.sweep import load_sweep, resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SWEEPS = sorted(glob.glob(os.path.join(ROOT, "experiments", "sweeps", "*.py")))
+SWEEPS = sorted(p for p in glob.glob(os.path.join(ROOT, "experiments", "sweeps", "*.py"))
+                if "def get_sweep" in open(p).read())  # fair_protocol.py is a shared module
 
 
 def _committed(sweep_file):

@@ -159,3 +159,87 @@ def test_control_options_are_validated(tiny_config):
     c = tiny_config(val_frac=0.7)
     with pytest.raises(C.ConfigError, match="val_frac"):
         C.validate(c)
+
+
+def _fake_tuning(tmp_path, scores):
+    """A tuning sweep of 2 methods x 2 candidates x 1 seed whose finished runs' final
+    validation metrics are ``scores[name] = (val local, val union)`` (absent: not run)."""
+    import textwrap
+    from framp_jax.sweep import load_sweep, resolve
+    from framp_jax.simulate import config_hash
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("from framp_jax.config import base_config\n"
+                   "def get_config():\n    c = base_config(); c.rounds = 7; return c\n")
+    sw = tmp_path / "tune.py"
+    sw.write_text(textwrap.dedent('''
+        from framp_jax.sweep import Run
+        def get_sweep():
+            return [Run(f"{m}__lr{lr}_seed5", "cfg.py", {"lr": lr, "seed": 5})
+                    for m in ("fedavg", "local") for lr in (0.1, 0.2)]
+    '''))
+    wd = tmp_path / "wd"
+    for run in load_sweep(str(sw)):
+        if run.name not in scores:
+            continue
+        c = resolve(run)
+        d = wd / run.name
+        d.mkdir(parents=True)
+        conf = json.loads(c.to_json_best_effort())
+        conf["_resolved"] = {"config_hash": config_hash(c)}
+        (d / "config.json").write_text(json.dumps(conf))
+        vl, vu = scores[run.name]
+        (d / "results.json").write_text(json.dumps({
+            "rounds": 7, "final": {"val/local": {"mean": vl}, "val/union": {"mean": vu},
+                                   "local": {"mean": 0.99}, "union": {"mean": 0.99}}}))
+    return str(sw), str(wd)
+
+
+def test_selection_reads_validation_only_and_refuses_unfinished(tmp_path):
+    from framp_jax.selection import markdown, write_selection
+    sw, wd = _fake_tuning(tmp_path, {
+        "fedavg__lr0.1_seed5": (0.6, 0.2), "fedavg__lr0.2_seed5": (0.5, 0.4),
+        "local__lr0.1_seed5": (0.7, 0.1), "local__lr0.2_seed5": (0.7, 0.1)})
+    sel = write_selection(sw, wd)
+    fa, lo = sel["methods"]["fedavg"], sel["methods"]["local"]
+    # scores (0.6 + 0.2) / 2 = 0.4 < (0.5 + 0.4) / 2 = 0.45; the test numbers (0.99) are unread
+    assert fa["chosen"] == "lr0.2" and fa["chosen_overrides"] == {"lr": 0.2}
+    np.testing.assert_allclose([fa["scores"]["lr0.1"], fa["scores"]["lr0.2"]], [0.4, 0.45])
+    assert lo["chosen"] == "lr0.1"  # a tie goes to the first declared candidate
+    assert fa["candidates"] == 2 and fa["seeds"] == [5]
+    assert json.load(open(f"{wd}/selection.json"))["methods"]["fedavg"]["chosen"] == "lr0.2"
+    assert "| fedavg | lr0.2 | 2 | 5 |" in markdown(sel)
+    sw2, wd2 = _fake_tuning(tmp_path / "b", {"fedavg__lr0.1_seed5": (0.6, 0.2)})
+    sel2 = write_selection(sw2, wd2)
+    assert sel2["methods"]["fedavg"]["chosen"] is None
+    assert sel2["methods"]["fedavg"]["missing"] == ["lr0.2"]
+
+
+def test_fair_protocol_gives_every_method_the_same_budget():
+    import importlib.util
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "fp", os.path.join(root, "experiments", "sweeps", "fair_protocol.py"))
+    P = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(P)
+    for ds in ("cifar10", "cora"):
+        counts = {m: len(P.candidates(m, ds)) for m in P.METHODS}
+        assert set(counts.values()) == {4}, counts
+        for m in P.METHODS:  # the client lr is tuned for every method, and candidates differ
+            cands = list(P.candidates(m, ds).values())
+            assert {c["lr"] for c in cands} == set(P.LRS[ds])
+            assert len({json.dumps(c, sort_keys=True) for c in cands}) == 4
+        runs = P.tuning_runs(ds)
+        assert {int(r.name.rsplit("seed", 1)[1]) for r in runs} == set(P.SELECTION_SEEDS)
+    assert not set(P.SELECTION_SEEDS) & set(P.REPORT_SEEDS)
+    sel = {ds: {"methods": {m: {"chosen": "x", "chosen_overrides": {"lr": 0.1}}
+                            for m in P.METHODS}} for ds in ("cifar10", "cora")}
+    final = P.final_runs(sel)
+    assert {int(r.name.rsplit("seed", 1)[1]) for r in final} == set(P.REPORT_SEEDS)
+    names = {r.name.rsplit("_seed", 1)[0] for r in final}
+    assert "cifar100_a005__heterofl_samenet" in names and "cora__framp_heldout_permuted" in names
+    del sel["cora"]["methods"]["fiarse"]["chosen"]
+    sel["cora"]["methods"]["fiarse"]["chosen"] = None
+    with pytest.raises(ValueError, match="fiarse"):
+        P.final_runs(sel)
