@@ -54,7 +54,32 @@ def selection_section(tune_dirs) -> list[str]:
     return out
 
 
-def final_section(final_dir, expected=None) -> list[str]:
+def _protocol():
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sweeps", "fair_protocol.py")
+    spec = importlib.util.spec_from_file_location("fair_protocol", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _choices(tune_dirs) -> dict:
+    """setting -> method -> 'label (of N; seeds ...)' from the tuning dirs' selection.json."""
+    P = _protocol()
+    out = {}
+    for d in tune_dirs:
+        sel = _read(os.path.join(d, "selection.json"))
+        if not sel:
+            continue
+        tune_ds = os.path.basename(os.path.normpath(d)).replace("fair_tune_", "")
+        for setting, _, _ in P.REPORTED.get(tune_ds, ()):
+            out[setting] = {m: f"{e['chosen']} (of {e['candidates']}; seed "
+                               f"{', '.join(map(str, e['seeds']))})"
+                            for m, e in sel["methods"].items() if e.get("chosen")}
+    return out
+
+
+def final_section(final_dir, choices=None) -> list[str]:
     runs = OrderedDict()
     for rd in sorted(glob.glob(os.path.join(final_dir, "*__*_seed*"))):
         m = re.match(r"^(?P<setting>.+?)__(?P<row>.+)_seed(?P<seed>\d+)$", os.path.basename(rd))
@@ -68,9 +93,9 @@ def final_section(final_dir, expected=None) -> list[str]:
         out.append(f"(no finished run in {final_dir} yet)")
     for setting, rows in runs.items():
         out += [f"### {setting}", "",
-                "| row | network | n | seeds | " + " | ".join(h for _, h in COLUMNS)
-                + " | zero-shot Local | zero-shot Union |",
-                "|---|---|---|---|" + "---|" * (len(COLUMNS) + 2)]
+                "| row | network | chosen on validation | n | seeds | "
+                + " | ".join(h for _, h in COLUMNS) + " | zero-shot Local | zero-shot Union |",
+                "|---|---|---|---|---|" + "---|" * (len(COLUMNS) + 2)]
         for row, rs in rows.items():
             method = row.split("_")[0]
             net = ("plain CNN" if row.endswith("_samenet") else NETWORK.get(method, "plain CNN")) \
@@ -78,7 +103,11 @@ def final_section(final_dir, expected=None) -> list[str]:
             cells = [_cell([r["final"].get(k, {}).get("mean") for _, r in rs]) for k, _ in COLUMNS]
             cells += [_cell([r["final"].get(f"unseen/{k}", {}).get("mean") for _, r in rs])
                       for k in ("local", "union")]
-            out.append(f"| {row} | {net} | {len(rs)} | {', '.join(str(s) for s, _ in rs)} | "
+            base = next((m for m in sorted((choices or {}).get(setting, {}), key=len,
+                                           reverse=True) if row == m or row.startswith(m + "_")),
+                        None)
+            chosen = (choices or {}).get(setting, {}).get(base, "-")
+            out.append(f"| {row} | {net} | {chosen} | {len(rs)} | {', '.join(str(s) for s, _ in rs)} | "
                        + " | ".join(cells) + " |")
         out.append("")
     return out
@@ -95,7 +124,7 @@ def main():
              "the protocol is experiments/sweeps/fair_protocol.py, the discussion "
              "results/sweeps/FAIR.md.", ""]
     lines += selection_section(a.tune)
-    lines += final_section(a.final)
+    lines += final_section(a.final, _choices(a.tune))
     with open(a.out, "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {a.out}")

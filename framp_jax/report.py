@@ -367,6 +367,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _row_name(method, label):
+    """A row's name says what runs: FRAMP with a shared FedAvg base is our hybrid, not SPEC's
+    FRAMP (SPEC §1.1: no global model)."""
+    if method == "framp" and "framp.base=fedavg" in (label or ""):
+        method = "hybrid"
+        label = ", ".join(p for p in label.split(", ") if p != "framp.base=fedavg")
     return f"{method}" + (f" ({label})" if label else "")
 
 
