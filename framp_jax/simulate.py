@@ -142,12 +142,98 @@ def _nothing_to_resume(c, workdir) -> str:
             "--resume")
 
 
-def check_checkpoints(c, workdir, ckpt, resume: bool) -> None:
+def data_identity(info) -> dict | None:
+    """The data a run trains on, as checkpoints and config.json record it: ``{"file",
+    "sha256"}`` of the loaded data's info (``sha256`` a ``{file: digest}`` dict for a raw
+    directory such as ogbn_arxiv's, None for tfds); None when the info names no file."""
+    if not isinstance(info, dict) or not info.get("file"):
+        return None
+    return {"file": str(info["file"]), "sha256": info.get("sha256")}
+
+
+def expected_data_identity(c) -> dict | None:
+    """:func:`data_identity` of the file the config ``c`` would load now (its data_dir,
+    ``$FRAMP_DATA_DIR``, the files present), found and hashed without loading it; None where
+    that cannot be told before loading (tfds, no file found: loading reports it)."""
+    from framp_jax.data.locate import sha256_file
+    ds, data_dir = str(c.dataset), (c.data_dir or None)
+    try:
+        if ds in C.GRAPH_DATASETS:
+            from framp_jax.data.graphs import OGB_RAW_FILES, find_graph_file
+            path = find_graph_file(ds, data_dir)
+            if path is None:
+                return None
+            sha = ({f: sha256_file(path / f) for f in OGB_RAW_FILES} if path.is_dir()
+                   else sha256_file(path))
+        else:
+            from framp_jax.data.vision import find_vision_file
+            path = find_vision_file(ds, data_dir)
+            if path is None:
+                return None
+            sha = sha256_file(path)
+    except (OSError, ValueError):  # unreadable: loading says what is wrong with it
+        return None
+    return {"file": str(path), "sha256": sha}
+
+
+def same_data(a: dict, b: dict) -> bool:
+    """Whether two :func:`data_identity` records are the same data: the same sha256 where both
+    have one (a copy of the file elsewhere is the same data), else the same file."""
+    if a.get("sha256") is not None and b.get("sha256") is not None:
+        return a["sha256"] == b["sha256"]
+    return str(a.get("file")) == str(b.get("file"))
+
+
+def _recorded_data(workdir, extra) -> dict | None:
+    """The data a checkpoint was trained on: its own record (``extra["data"]``), else (older
+    checkpoints) the workdir's config.json, which records the data of the run's last start."""
+    rec = data_identity(extra.get("data"))
+    if rec is not None:
+        return rec
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            resolved = json.load(f).get("_resolved") or {}
+        return data_identity(resolved.get("data"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _digest_text(d: dict) -> str:
+    sha = d.get("sha256")
+    if isinstance(sha, str):
+        return f"sha256 {sha[:16]}"
+    if isinstance(sha, dict):
+        return "sha256 " + ", ".join(f"{k} {str(v)[:16]}" for k, v in sorted(sha.items()))
+    return "no sha256 recorded"
+
+
+def _data_changed(workdir, r, old: dict, new: dict, verb: str) -> Exception:
+    from framp_jax.checkpoint import CheckpointMismatchError
+    return CheckpointMismatchError(
+        f"cannot resume {workdir}: its checkpoint of round {r} was trained on {old['file']} "
+        f"({_digest_text(old)}) but this run {verb} {new['file']} ({_digest_text(new)}); a run "
+        f"goes on with the data it started with: make {old['file']} the file found again "
+        "(--config.data_dir, FRAMP_DATA_DIR), or " + _fresh_start_advice() + " (nothing was "
+        "changed)")
+
+
+def _fresh_start_advice() -> str:
+    """How to start over: a sweep chooses its runs' directories (``$FRAMP_SWEEP_RUN`` is set for
+    the runs it starts), so its users move the run directory away instead."""
+    if os.environ.get("FRAMP_SWEEP_RUN"):
+        return ("move this run directory away so that the sweep starts the run again")
+    return "start without --resume in a new workdir"
+
+
+def check_checkpoints(c, workdir, ckpt, resume: bool):
     """What the workdir's checkpoints allow, decided from the config alone (no data loaded):
     a fresh run needs a workdir without checkpoints; ``resume`` needs a checkpoint, none past
     ``c.rounds`` (resuming a shorter run would relabel a later state and delete its
     checkpoint), and the config the checkpoints were written with (the fields that changed are
-    listed). Nothing is modified."""
+    listed), and the data they were trained on (the file this config would load now, hashed
+    but not loaded, must have the sha256 they record). Nothing is modified. Returns ``(round,
+    data record)`` of the checkpoint checked when it records its data (for the check after
+    loading, :func:`_run`), else None."""
     from framp_jax.checkpoint import CheckpointMismatchError, CorruptCheckpointError
     from framp_jax.rundir import config_diff
     rounds = ckpt.all_rounds()
@@ -171,7 +257,13 @@ def check_checkpoints(c, workdir, ckpt, resume: bool) -> None:
             continue
         stored, now = extra.get("config_hash"), config_hash(c)
         if stored is None or str(stored) == now:
-            return
+            recorded = _recorded_data(workdir, extra)
+            if recorded is None:
+                return None
+            found = expected_data_identity(c)
+            if found is not None and not same_data(recorded, found):
+                raise _data_changed(workdir, r, recorded, found, "would load")
+            return r, recorded
         old = extra.get("config")
         if old is None:  # checkpoints without their config: the workdir's config.json
             try:
@@ -210,9 +302,14 @@ def _run(c, workdir: str, resume: bool, progress: bool, log, warn, closers) -> d
     os.makedirs(workdir, exist_ok=True)
     ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints)
     closers.append(ckpt.close)
-    check_checkpoints(c, workdir, ckpt, resume)  # before any data loads
+    trained_on = check_checkpoints(c, workdir, ckpt, resume)  # before any data loads
     t_setup = time.time()
     prob = build_problem(c)
+    data_id = data_identity(prob.info)  # recorded in every checkpoint
+    if trained_on is not None and data_id is not None and not same_data(trained_on[1], data_id):
+        # what was loaded (e.g. tfds, or a file changed since the check): before anything is
+        # written or compiled
+        raise _data_changed(workdir, trained_on[0], trained_on[1], data_id, "loaded")
     log(prob.summary)
     alg = build_algorithm(prob.ctx, c)
     resolved = json.loads(c.to_json_best_effort())
@@ -348,7 +445,8 @@ def _run(c, workdir: str, resume: bool, progress: bool, log, warn, closers) -> d
         if rnd % c.checkpoint_every == 0 and not is_last:
             ckpt.save(rnd, state, {"round": rnd, "wall_s": wall_before + time.time() - t0,
                                    "history": history, "config_hash": config_hash(c),
-                                   "config": hashed_config(c), "excluded_clients": excluded})
+                                   "config": hashed_config(c), "excluded_clients": excluded,
+                                   "data": data_id})
             if reuse is not None:
                 reuse.save(workdir, rnd, write=writer)
     if bar is not None:
@@ -357,7 +455,7 @@ def _run(c, workdir: str, resume: bool, progress: bool, log, warn, closers) -> d
     if start < c.rounds:  # resumed from the final checkpoint: it is already on disk
         ckpt.save(c.rounds, state, {"round": c.rounds, "wall_s": wall, "history": history,
                                     "config_hash": config_hash(c), "config": hashed_config(c),
-                                    "excluded_clients": excluded})
+                                    "excluded_clients": excluded, "data": data_id})
     if reuse is not None:
         reuse.save(workdir, c.rounds, write=writer)
     ckpt.wait()

@@ -63,6 +63,7 @@ __all__ = [
     "ChecksumError",
     "DatasetNotFoundError",
     "load_graph",
+    "find_graph_file",
     "load_ogb_raw",
     "candidate_dirs",
     "sha256_file",
@@ -256,6 +257,21 @@ def download_ogbn_arxiv(cache_dir: str | os.PathLike | None = None, url: str | N
     return raw
 
 
+def find_graph_file(name: str, data_dir: str | os.PathLike | None = None,
+                    looked: list[Path] | None = None) -> Path | None:
+    """The file (ogbn_arxiv: the raw directory) :func:`load_graph` loads for ``name``, found
+    without reading it, or None; ``looked`` (when given) gets every path looked at."""
+    key = _canonical(name)
+    looked = [] if looked is None else looked
+    for d in candidate_dirs(data_dir):
+        for p in ((d / key / f"{key}.npz", d / f"{key}.npz") if key != "ogbn_arxiv"
+                  else _ogb_raw_candidates(d)):
+            looked.append(p)
+            if (p.is_file() if key != "ogbn_arxiv" else _has_raw(p)):
+                return p
+    return None
+
+
 def load_graph(
     name: str,
     data_dir: str | os.PathLike | None = None,
@@ -274,14 +290,11 @@ def load_graph(
       verify: check the npz sha256 against the published value (raises :class:`ChecksumError`).
     """
     key = _canonical(name)
-    dirs = candidate_dirs(data_dir)
     looked: list[Path] = []
+    found = find_graph_file(key, data_dir, looked)
     if key != "ogbn_arxiv":
-        for d in dirs:
-            for p in (d / key / f"{key}.npz", d / f"{key}.npz"):
-                looked.append(p)
-                if p.is_file():
-                    return _load_npz(key, p, verify)
+        if found is not None:
+            return _load_npz(key, found, verify)
         raise _not_found(
             key,
             looked,
@@ -289,11 +302,8 @@ def load_graph(
             "directories, or pass data_dir=... / set FRAMP_DATA_DIR. The offline copies and their "
             "conversion steps are described in shared/data/README.md.",
         )
-    for d in dirs:
-        for raw in _ogb_raw_candidates(d):
-            looked.append(raw)
-            if _has_raw(raw):
-                return load_ogb_raw(raw, key)
+    if found is not None:
+        return load_ogb_raw(found, key)
     if download:
         return load_ogb_raw(download_ogbn_arxiv(), key)
     raise _not_found(

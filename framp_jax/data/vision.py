@@ -44,6 +44,7 @@ from framp_jax.rundir import current_umask
 __all__ = [
     "VisionDataset",
     "load_vision_dataset",
+    "find_vision_file",
     "NORMALIZATION",
     "get_normalization",
     "KNOWN_FILES",
@@ -142,10 +143,24 @@ def load_vision_dataset(name: str, data_dir: str | os.PathLike | None = None) ->
                          f"{sorted(_DATASETS)} or 'npz:PATH'")
     spec = _DATASETS[key]
     looked = candidate_paths(key, spec["files"], data_dir)
-    for path in looked:
-        if path.is_file():
-            return _load_known_file(key, path, spec)
+    path = find_vision_file(name, data_dir)
+    if path is not None:
+        return _load_known_file(key, path, spec)
     return _load_tfds_or_raise(key, spec, looked, data_dir)
+
+
+def find_vision_file(name: str, data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The file :func:`load_vision_dataset` would load for ``name`` (``cifar10``, ``cifar100``,
+    ``npz:PATH``), found without reading it; None when there is none (tfds, or not found).
+    A resumed run compares it with the file its checkpoints were trained on."""
+    if name.startswith("npz:"):
+        return next((q for q in _user_npz_candidates(name[len("npz:"):], data_dir)
+                     if q.is_file()), None)
+    key = name.lower()
+    if key not in _DATASETS:
+        return None
+    return next((p for p in candidate_paths(key, _DATASETS[key]["files"], data_dir)
+                 if p.is_file()), None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,15 +387,22 @@ def _write_cache(cache_path: Path, arrays: dict) -> None:
 # user npz
 
 
-def _load_user_npz(path_str: str, data_dir) -> VisionDataset:
-    if not path_str:
-        raise InvalidDatasetError("dataset 'npz:PATH' needs a path after 'npz:'")
+def _user_npz_candidates(path_str: str, data_dir) -> list[Path]:
+    """Where ``npz:PATH`` is looked for: PATH itself, then (a relative PATH that is not a file)
+    under every data directory, in order."""
     p = Path(path_str).expanduser()
     looked = [p]
     if not p.is_file() and not p.is_absolute():
         from framp_jax.data.locate import candidate_dirs
 
         looked += [d / p for d in candidate_dirs(data_dir)]
+    return looked
+
+
+def _load_user_npz(path_str: str, data_dir) -> VisionDataset:
+    if not path_str:
+        raise InvalidDatasetError("dataset 'npz:PATH' needs a path after 'npz:'")
+    looked = _user_npz_candidates(path_str, data_dir)
     found = next((q for q in looked if q.is_file()), None)
     if found is None:
         raise DatasetNotFoundError(not_found_message(f"npz:{path_str}", looked))
