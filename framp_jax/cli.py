@@ -37,6 +37,10 @@ flags.DEFINE_string("only", None, "framp-jax sweep: train only the runs whose na
 flags.DEFINE_bool("status", False, "framp-jax sweep: print each run's state (finished, partial "
                   "with its latest checkpoint, failed with its last error, new, other) and exit; "
                   "nothing runs or changes.")
+flags.DEFINE_string("shard", None, "framp-jax sweep: train only shard I of N of the sweep's runs, "
+                    "'I/N' (0 <= I < N) or 'auto' (FRAMP_SHARD_INDEX/FRAMP_SHARD_COUNT, else a "
+                    "SLURM job array's SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT); with "
+                    "--status: the whole sweep and a line per shard (framp_jax/shard.py).")
 flags.DEFINE_string("out", None, "framp-jax report: output directory (REPORT.md and plots).")
 FLAGS = flags.FLAGS
 
@@ -58,13 +62,22 @@ def _sweep_or_report(cmd):
         print(f"report: {write_report(cmd[1:], FLAGS.out)}")
         return
     if len(cmd) != 1 or FLAGS.sweep is None or FLAGS.workdir is None:
-        raise app.UsageError("usage: framp-jax sweep --sweep FILE --workdir DIR [--jobs N] [--only PATTERNS] [--status]")
+        raise app.UsageError("usage: framp-jax sweep --sweep FILE --workdir DIR [--jobs N] "
+                             "[--only PATTERNS] [--shard I/N|auto] [--status]")
     if FLAGS.status:
         from framp_jax.sweep import format_status, sweep_status
-        print(format_status(sweep_status(FLAGS.sweep, FLAGS.workdir, only=FLAGS.only)))
+        rows = sweep_status(FLAGS.sweep, FLAGS.workdir, only=FLAGS.only)
+        print(format_status(rows))
+        if FLAGS.shard:
+            from framp_jax.shard import parse_shard, shard_summary
+            from framp_jax.sweep import load_sweep, select_runs, sweep_units
+            units = sweep_units(select_runs(load_sweep(FLAGS.sweep), FLAGS.only))
+            print(shard_summary(rows, [[r.name for r in u] for u in units],
+                                parse_shard(FLAGS.shard).count))
         return
     from framp_jax.sweep import run_sweep
-    out = run_sweep(FLAGS.sweep, FLAGS.workdir, jobs=FLAGS.jobs, only=FLAGS.only)
+    out = run_sweep(FLAGS.sweep, FLAGS.workdir, jobs=FLAGS.jobs, only=FLAGS.only,
+                    shard=FLAGS.shard)
     if out["failed"]:
         sys.exit(1)
 

@@ -33,6 +33,12 @@ trains only the runs it matches, first, in the sweep's order; the others are lef
 later invocation. A pattern that matches no run is an error that lists the sweep's run names.
 ``--status`` prints each run's state (finished / running / partial, with its latest checkpoint /
 failed, with its last error / new / other) and changes nothing.
+
+``--shard I/N`` (or ``auto``: SLURM's job array, or FRAMP_SHARD_INDEX / FRAMP_SHARD_COUNT)
+trains a deterministic, disjoint share of the sweep's runs, so N processes (one per machine of
+a job array, sharing the workdir's file system) share one sweep; ``--jobs N`` gives each
+training process its share of an accelerator's memory. See :mod:`framp_jax.shard` and
+docs/SCALE.md.
 """
 from __future__ import annotations
 
@@ -350,19 +356,26 @@ def select_runs(runs: Sequence[Run], only: str | Sequence[str] | None) -> list[R
 
 def run_sweep(sweep_file: str, workdir: str, jobs: int = 1, log=print,
               env: Mapping[str, str] | None = None,
-              only: str | Sequence[str] | None = None) -> dict:
+              only: str | Sequence[str] | None = None, shard=None) -> dict:
     """Runs (or continues) the sweep; returns ``{"done", "failed", "skipped", "runs"}`` counts and
     the failed runs' errors. ``only``: train just the runs matching these name patterns
-    (``--only``; the others count as ``"unselected"``). See the module docstring."""
-    from framp_jax.rundir import WorkdirLock, write_json_atomic
+    (``--only``; the others count as ``"unselected"``). ``shard``: ``"I/N"``, ``"auto"`` or a
+    :class:`framp_jax.shard.Shard`: train only that shard's share (``--shard``; the runs of the
+    other shards count as ``"other_shards"``). See the module docstring."""
+    from framp_jax import shard as SH
+    from framp_jax.rundir import write_json_atomic
     from framp_jax.simulate import config_hash
     if jobs < 1:
         raise SweepError(f"--jobs={jobs} is not allowed: 1 or more processes")
+    if not isinstance(shard, SH.Shard):
+        shard = SH.parse_shard(shard, env)
     runs = load_sweep(sweep_file)
     configs = {r.name: resolve(r) for r in runs}  # every run validated before the first starts
     selected = select_runs(runs, only)
+    units = sweep_units(selected)
+    mine = [r for u in SH.shard_units(units, shard) for r in u]
     workdir = os.path.abspath(workdir)
-    lock = WorkdirLock(workdir).acquire()  # one sweep per workdir
+    lock = SH.SweepLock(workdir, shard).acquire()  # one sweep (or one sweep's shards) per workdir
     try:
         record = {"sweep_file": os.path.abspath(sweep_file), "runs": [
             {"name": r.name, "preset": r.preset, "overrides": dict(r.overrides),
@@ -375,8 +388,11 @@ def run_sweep(sweep_file: str, workdir: str, jobs: int = 1, log=print,
         if unselected:
             log(f"sweep: --only selects {len(selected)} of {len(runs)} runs; "
                 f"the other {unselected} are left as they are")
-        out = _schedule(selected, configs, workdir, jobs, log, status, env)
+        if shard is not None:
+            log(f"sweep: shard {shard} trains {len(mine)} of the {len(selected)} runs")
+        out = _schedule(mine, configs, workdir, jobs, log, status, env)
         out["unselected"] = unselected
+        out["other_shards"] = len(selected) - len(mine)
         return out
     finally:
         lock.release()
@@ -412,7 +428,10 @@ def _schedule(runs, configs, workdir, jobs, log, status, env) -> dict:
         log(f"sweep: {done} done, {failed} failed, {skipped} skipped, {left} left; "
             f"elapsed {_hms(time.time() - t0)}{eta}")
 
-    child_env = dict(os.environ if env is None else env)
+    from framp_jax.shard import child_memory_env
+    child_env, note = child_memory_env(os.environ if env is None else env, jobs)
+    if note:
+        log(f"sweep: {note}")
     while queue or running:
         while queue and len(running) < jobs:
             r, resume = queue.pop(0)
@@ -465,6 +484,11 @@ def _record_failure(rundir, name, msg, status, log):
     log(f"sweep: {name} FAILED: {msg}" + (f" (log: {log_file})" if os.path.exists(log_file) else ""))
 
 
+def sweep_units(runs: Sequence[Run]) -> list[list[Run]]:
+    """The units a sweep trains and ``--shard`` deals out: one per run."""
+    return [[r] for r in runs]
+
+
 def sweep_status(sweep_file: str, workdir: str, only: str | Sequence[str] | None = None
                  ) -> list[dict]:
     """What each (selected) run of the sweep would do now, read from ``workdir`` without changing
@@ -475,6 +499,7 @@ def sweep_status(sweep_file: str, workdir: str, only: str | Sequence[str] | None
     (its error.txt from the last attempt; it is retried)."""
     from framp_jax.checkpoint import saved_rounds
     from framp_jax.rundir import running_owner
+    from framp_jax.shard import other_host_owner
     runs = select_runs(load_sweep(sweep_file), only)
     out = []
     for r in runs:
@@ -485,12 +510,15 @@ def sweep_status(sweep_file: str, workdir: str, only: str | Sequence[str] | None
             done = saved_rounds(os.path.join(rd, "checkpoints"))[-1]
             detail = f"checkpoint at round {done} of {int(c.rounds)}"
         owner = running_owner(rd) if state in ("partial", "new") else None
+        elsewhere = other_host_owner(rd) if state in ("partial", "new") else None
         if owner is not None:
             state, detail = "running", f"{owner}" + (f"; {detail}" if detail else "")
         elif state in ("partial", "new") and os.path.exists(os.path.join(rd, ERROR_TXT)):
             with open(os.path.join(rd, ERROR_TXT), errors="replace") as f:
                 err = " ".join(f.read().split())
             state, detail = "failed", (f"{detail}; " if detail else "") + f"last error: {err}"
+        if owner is None and elsewhere is not None:  # not checkable from here: said, state kept
+            detail = (f"{detail}; " if detail else "") + f"last started by {elsewhere}"
         out.append({"name": r.name, "state": state, "detail": detail})
     return out
 
