@@ -148,18 +148,54 @@ def _read_json(path):
         return json.load(f)
 
 
+class DamagedRunError(Exception):
+    """A run directory whose files cannot be read as a run (the message names the file)."""
+
+
+def _read_run_json(path, kind="a JSON object") -> dict:
+    """A run's JSON file as a dict, or :class:`DamagedRunError` naming the file and what is
+    wrong (missing, not UTF-8, not JSON, e.g. truncated, or not an object)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        raise DamagedRunError(f"{path} is missing") from None
+    except UnicodeDecodeError as e:
+        raise DamagedRunError(f"{path} is not text (byte {e.start}: {e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise DamagedRunError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column "
+                              f"{e.colno}; truncated?)") from None
+    except OSError as e:
+        raise DamagedRunError(f"{path} cannot be read ({e.strerror or e})") from None
+    if not isinstance(value, dict):
+        raise DamagedRunError(f"{path} holds a JSON {type(value).__name__}, not {kind}")
+    return value
+
+
 def _read_metrics(path) -> list[dict]:
     if not os.path.exists(path):
         return []
+    try:
+        return _parse_metrics(path)
+    except (UnicodeDecodeError, csv.Error, OSError) as e:
+        raise DamagedRunError(f"{path} cannot be read as CSV ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _parse_metrics(path) -> list[dict]:
     rows = []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         for r in csv.DictReader(f):
+            if None in r or "round" not in r:  # more cells than the header, or no round column
+                raise csv.Error(f"line {len(rows) + 2} does not fit the header")
             row = {}
             for k, v in r.items():
                 try:
                     row[k] = float(v)
                 except (TypeError, ValueError):
                     row[k] = v
+            if not isinstance(row["round"], float):
+                raise csv.Error(f"line {len(rows) + 2}: round {r['round']!r} is not a number")
             rows.append(row)
     return rows
 
@@ -180,10 +216,20 @@ def data_label(info: Mapping[str, Any] | None) -> str:
 
 
 def load_run(d: str) -> dict:
-    res = _read_json(os.path.join(d, "results.json"))
-    cfg_path = os.path.join(d, "config.json")
-    cfg = _read_json(cfg_path) if os.path.exists(cfg_path) else {}
+    """A finished run's files, read; :class:`DamagedRunError` (naming the file) when
+    results.json, config.json or metrics.csv cannot be read as a run's."""
+    res = _read_run_json(os.path.join(d, "results.json"))
+    final = res.get("final", {})
+    if not (isinstance(final, dict) and all(
+            isinstance(v, dict) and all(x is None or (isinstance(x, (int, float))
+                                                      and not isinstance(x, bool))
+                                        for x in v.values()) for v in final.values())):
+        raise DamagedRunError(f"{os.path.join(d, 'results.json')}: 'final' is not an object of "
+                              "per-split objects of numbers")
+    cfg = _read_run_json(os.path.join(d, "config.json"))
     resolved = cfg.get("_resolved", {})
+    if not isinstance(resolved, dict):
+        raise DamagedRunError(f"{os.path.join(d, 'config.json')}: '_resolved' is not an object")
     info = resolved.get("data") or res.get("dataset_info") or {}
     reuse = os.path.join(d, "mask_reuse.npz")
     return {"dir": d, "name": os.path.basename(os.path.normpath(d)), "results": res,
@@ -570,11 +616,48 @@ def _budget_value(label: str) -> float:
         return float("inf")
 
 
-def write_report(paths: Sequence[str], out_dir: str) -> str:
+def _warn(msg: str) -> None:
+    import sys
+    print(f"framp-jax: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _check_out_dir(out_dir: str) -> None:
+    """``--out`` must be a directory this process can write (created if missing)."""
+    from framp_jax.errors import FrampError
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FrampError(f"report: --out {out_dir} is a file, not a directory; give the "
+                         "directory to write REPORT.md and plots/ into")
+    try:
+        os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
+    except OSError as e:
+        raise FrampError(f"report: cannot create --out {out_dir}: {e.strerror or e}"
+                         + (f" ({e.filename})" if e.filename else "")
+                         + "; choose another --out") from None
+    if not os.access(os.path.join(out_dir, "plots"), os.W_OK) or not os.access(out_dir, os.W_OK):
+        raise FrampError(f"report: cannot write into --out {out_dir}: permission denied or a "
+                         "read-only file system; choose another --out")
+
+
+def write_report(paths: Sequence[str], out_dir: str, warn=None) -> str:
     """Writes ``out_dir/REPORT.md`` and its plots for the runs under ``paths``; returns the
-    path of REPORT.md."""
+    path of REPORT.md. A run whose results.json, config.json or metrics.csv cannot be read is
+    skipped with one ``warn`` line (default: stderr) naming the file, and listed among the
+    unfinished or failed runs; no run at all is an error."""
     done, unfinished = find_runs(paths)
-    runs = [load_run(d) for d in done]
+    benches = [p for p in paths if is_server_bench(p)]
+    if not done and not unfinished and not benches:
+        from framp_jax.errors import FrampError
+        raise FrampError(f"report: no runs under {', '.join(paths)} (a run directory holds "
+                         "results.json, or config.json/checkpoints/error.txt while unfinished)")
+    _check_out_dir(out_dir)
+    runs, damaged = [], {}
+    for d in done:  # a damaged run is skipped (one warning line) and listed as failed
+        try:
+            runs.append(load_run(d))
+        except DamagedRunError as e:
+            damaged[d] = f"damaged: {e}"
+            (warn or _warn)(f"report: skipping {d}: {e}")
+    unfinished = sorted(set(unfinished) | set(damaged))
     os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
     groups = group_runs(runs)
     md = ["# framp_jax results", "",
@@ -634,13 +717,10 @@ def write_report(paths: Sequence[str], out_dir: str) -> str:
     if unfinished:
         md += ["## Unfinished or failed runs", ""]
         for d in unfinished:
-            err = os.path.join(d, "error.txt")
-            why = open(err).read().strip() if os.path.exists(err) else "no results.json yet"
-            md.append(f"- `{d}`: {why}")
+            md.append(f"- `{d}`: {damaged.get(d) or _unfinished_why(d)}")
         md.append("")
     dups = [r["dir"] for r in runs if r.get("duplicate")]
     n_reuse = sum(1 for r in runs if r.get("mask_reuse") and not r.get("duplicate"))
-    benches = [p for p in paths if is_server_bench(p)]
     for p in benches:
         md += server_time_lines(p)
     md += ["## Notes", "",
@@ -666,6 +746,16 @@ def write_report(paths: Sequence[str], out_dir: str) -> str:
     with open(path, "w") as f:
         f.write("\n".join(md) + "\n")
     return path
+
+
+def _unfinished_why(d: str) -> str:
+    """An unfinished run's error.txt (one line), or what it lacks."""
+    try:
+        with open(os.path.join(d, "error.txt"), encoding="utf-8", errors="replace") as f:
+            why = " ".join(f.read().split())
+        return why or "failed (error.txt is empty)"
+    except OSError:
+        return "no results.json yet"
 
 
 # ---------------------------------------------------------------------------------------------
