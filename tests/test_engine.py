@@ -66,8 +66,10 @@ def test_results_json_follows_design(reference):
     assert on_disk["compiles"] == 1  # ROUNDS rounds, one trace of the round function
     assert on_disk["wall_s"] > 0
     final = on_disk["final"]
-    assert set(final) == {"local", "union"}
-    for split in ("local", "union"):
+    # test metrics, the label-masked Local of every method, and the same on validation data
+    assert set(final) == {"local", "union", "local_masked", "val/local", "val/union",
+                          "val/local_masked"}
+    for split in final:
         assert set(final[split]) == BUDGET_KEYS
         assert all(0.0 <= v <= 1.0 for v in final[split].values())
     # Union mean = mean over budget levels; Local mean lies within the per-level range
@@ -150,9 +152,11 @@ def test_resume_after_crash_equals_uninterrupted(reference, tiny_config, tmp_pat
     calls = {"n": 0}
     real_eval_metrics = simulate.eval_metrics
 
+    per_eval = 2 if c.val_frac > 0 else 1  # eval_metrics of the test data, then of validation
+
     def crash_in_last_round(*a, **k):
         calls["n"] += 1
-        if calls["n"] == ROUNDS:  # evaluation of the last round: after round 3's row was written
+        if calls["n"] == per_eval * (ROUNDS - 1) + 1:  # the last round's evaluation
             raise RuntimeError("simulated crash")
         return real_eval_metrics(*a, **k)
 
