@@ -237,6 +237,9 @@ def test_fair_protocol_gives_every_method_the_same_budget():
                             for m in P.METHODS}} for ds in ("cifar10", "cora")}
     final = P.final_runs(sel)
     assert {int(r.name.rsplit("seed", 1)[1]) for r in final} == set(P.REPORT_SEEDS)
+    from framp_jax.sweep import Run, resolve
+    for r in final:  # every reported run is a valid config (held-out controls included)
+        resolve(Run(r.name, os.path.join(root, "experiments", "sweeps", r.preset), r.overrides))
     names = {r.name.rsplit("_seed", 1)[0] for r in final}
     assert "cifar100_a005__heterofl_samenet" in names and "cora__framp_heldout_permuted" in names
     del sel["cora"]["methods"]["fiarse"]["chosen"]

@@ -118,6 +118,8 @@ CONTROLS = {
     "heldout_permuted": {"heldout_frac": 0.2, "framp.descriptor_control": "permute"},
 }
 CONTROLLED = ("framp", "hybrid")
+# Cora's preset trains all 10 clients every round: with 4 held out, the 6 others
+HELDOUT_PER_ROUND = {"cora": {"clients_per_round": 6}}
 
 
 def final_runs(selections: dict):
@@ -140,7 +142,9 @@ def final_runs(selections: dict):
                 if m in SAME_NETWORK and preset_ds == "cifar10":
                     rows[f"{m}_samenet"] = {**ov, SAME_NETWORK[m]: "same"}
                 if i == 0 and m in CONTROLLED:
-                    rows.update({f"{m}_{k}": {**ov, **c} for k, c in CONTROLS.items()})
+                    rows.update({f"{m}_{k}": {**ov, **c, **(HELDOUT_PER_ROUND.get(preset_ds, {})
+                                                            if "heldout_frac" in c else {})}
+                                 for k, c in CONTROLS.items()})
                 for row, o in rows.items():
                     for s in REPORT_SEEDS:
                         runs.append(Run(f"{setting}__{row}_seed{s}", preset(m, preset_ds),
