@@ -151,6 +151,7 @@ def build_graph_problem(c, verbose: bool = True) -> Problem:
     split_seed = _split_seed(c)
     clients = gp.partition_graph(graph, c.num_clients, seed=split_seed,
                                  ratio_train=float(c.graph_ratio_train), method=str(c.graph_partition))
+    gp.check_clients(clients, str(c.dataset), float(c.graph_ratio_train), str(c.graph_partition))
     ginfo = {key: graph.info[key] for key in ("name", "file", "sha256") if key in graph.info}
     n_all = graph.num_nodes
     del graph  # the per-client copies are all that is needed from here on

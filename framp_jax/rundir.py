@@ -307,9 +307,22 @@ def to_jsonable(obj: Any) -> Any:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Writes ``obj`` as JSON (indent 2) via a temp file and ``os.replace``: never half-written."""
-    text = json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n"
+    """Writes ``obj`` as JSON (indent 2) via a temp file and ``os.replace``: never half-written.
+    NaN and infinities (e.g. the accuracy of a budget level no client evaluates) are written as
+    ``null``: ``NaN`` is not JSON, and strict readers refuse the whole file for it."""
+    text = json.dumps(_finite_or_null(to_jsonable(obj)), indent=2, sort_keys=False,
+                      allow_nan=False) + "\n"
     _atomic_write_text(os.fspath(path), text)
+
+
+def _finite_or_null(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite_or_null(v) for v in obj]
+    return obj
 
 
 # ---------------------------------------------------------------------------------------------

@@ -320,7 +320,7 @@ def _summary(name: str, res: dict) -> str:
     f = res.get("final", {})
     parts = []
     for split in ("local", "union"):
-        if "mean" in f.get(split, {}):
+        if isinstance(f.get(split, {}).get("mean"), (int, float)):  # null: nothing evaluated
             parts.append(f"{split} mean {100 * f[split]['mean']:.2f}")
     return (f"{name}: {res.get('method')} on {res.get('dataset')} seed {res.get('seed')}, "
             f"{res.get('rounds')} rounds, {', '.join(parts)}, {res.get('wall_s', 0):.0f} s")

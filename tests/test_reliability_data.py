@@ -282,3 +282,66 @@ def test_graph_and_vision_file_lookup_match_the_loaders(tmp_path, monkeypatch):
     assert find_graph_file("cora", tmp_path) == tmp_path / "cora" / "cora.npz"
     assert find_vision_file("cifar100", tmp_path) is None
     assert find_vision_file(f"npz:{tmp_path / 'none.npz'}") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. graph clients without test nodes; no NaN in results.json
+
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
+                      "shared", "data")
+needs_cora = pytest.mark.skipif(not os.path.isfile(os.path.join(SHARED, "cora", "cora.npz")),
+                                reason="shared/data/cora absent")
+
+
+def _preset(name):
+    from conftest import load_script
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return load_script(os.path.join(repo, "experiments", "configs", f"{name}.py")).get_config()
+
+
+@needs_cora
+@pytest.mark.parametrize("overrides, expected", [
+    # 12 test nodes for 10 clients: the issue's case (local/1 read 1.0 on one test node)
+    (dict(graph_ratio_train=0.99),
+     r"^cora cannot be split into num_clients=10 clients with graph_partition=metis and "
+     r"graph_ratio_train=0\.99: client\(s\) [0-9, ]+ have no test nodes \(12 test nodes in "
+     r"all; each node is train/test/validation with probability "
+     r"0\.99/0\.005/0\.005\); every client needs train, validation and test nodes: lower "
+     r"config\.num_clients or lower config\.graph_ratio_train$"),
+    (dict(graph_partition="bfs", num_clients=2000, clients_per_round=10),
+     r"^cora cannot be split into num_clients=2000 clients with graph_partition=bfs and "
+     r"graph_ratio_train=0\.4: client\(s\) [0-9, ]+, \.\.\. \(\d+ in all\) have no \w+ nodes"),
+    (dict(num_clients=5000, clients_per_round=10),
+     r"^cora cannot be split into num_clients=5000 clients: its largest connected component "
+     r"has 2485 nodes, fewer than the clients; lower config\.num_clients$"),
+])
+def test_graph_clients_without_test_nodes_are_one_line(tmp_path, monkeypatch, overrides,
+                                                       expected):
+    import re
+    def no_compile(*a, **k):
+        raise AssertionError("got as far as building the algorithm")
+    monkeypatch.setattr(simulate, "build_algorithm", no_compile)
+    c = _preset("fedavg_cora")
+    for k, v in overrides.items():
+        setattr(c, k, v)
+    with pytest.raises(DataError) as ei:
+        run(c, tmp_path / "run")
+    msg = str(ei.value)
+    assert re.match(expected, msg), msg
+    assert isinstance(ei.value, ValueError) and "\n" not in msg
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_results_json_never_holds_nan(tmp_path):
+    """A metric with nothing to average (NaN) is written as null: NaN is not JSON."""
+    from framp_jax.rundir import write_json_atomic
+    from framp_jax.report import _read_run_json
+    res = {"final": {"local": {"1": 0.5, "1/4": float("nan"), "mean": float("inf")}},
+           "per_client": {"local": [0.1, float("nan")]}, "n": np.float32("nan")}
+    write_json_atomic(tmp_path / "results.json", res)
+    text = (tmp_path / "results.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    back = json.loads(text, parse_constant=lambda s: pytest.fail(f"non-JSON constant {s}"))
+    assert back == {"final": {"local": {"1": 0.5, "1/4": None, "mean": None}},
+                    "per_client": {"local": [0.1, None]}, "n": None}
+    assert _read_run_json(str(tmp_path / "results.json"))["final"]["local"]["1/4"] is None

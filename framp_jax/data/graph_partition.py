@@ -36,6 +36,7 @@ import scipy.sparse as sp
 from scipy.sparse import csgraph
 
 from framp_jax.data.graphs import Graph
+from framp_jax.data.locate import InvalidDatasetError
 
 __all__ = [
     "ClientGraph",
@@ -45,6 +46,7 @@ __all__ = [
     "metis_partition",
     "bfs_partition",
     "partition_graph",
+    "check_clients",
     "summary",
     "pad_clients",
     "take_client",
@@ -199,7 +201,10 @@ def partition_graph(
     lcc = largest_connected_component(graph.edge_index, n_all)
     n = lcc.shape[0]
     if n < num_clients:
-        raise ValueError(f"LCC has {n} nodes, fewer than {num_clients} clients")
+        raise InvalidDatasetError(
+            f"{graph.info.get('name', 'the graph')} cannot be split into num_clients="
+            f"{num_clients} clients: its largest connected component has {n} nodes, fewer than "
+            "the clients; lower config.num_clients")
     # relabel to LCC-local ids and keep only edges inside the LCC
     local = np.full(n_all, -1, np.int64)
     local[lcc] = np.arange(n)
@@ -230,7 +235,10 @@ def partition_graph(
     else:
         raise ValueError(f"unknown partition method {method!r} (metis | bfs)")
     if len(np.unique(member)) != num_clients:
-        raise RuntimeError(f"partition produced {len(np.unique(member))} non-empty parts, wanted {num_clients}")
+        raise InvalidDatasetError(
+            f"{graph.info.get('name', 'the graph')} cannot be split into num_clients="
+            f"{num_clients} clients with graph_partition={method}: the partition has "
+            f"{len(np.unique(member))} non-empty parts; lower config.num_clients")
 
     if normalize_features == "auto":
         normalize_features = str(graph.info.get("name", "")).lower() in _ROW_NORMALISED
@@ -264,6 +272,30 @@ def partition_graph(
             )
         )
     return clients
+
+
+def check_clients(clients: Sequence[ClientGraph], name: str, ratio_train: float,
+                  method: str) -> None:
+    """Every client needs train, validation and test nodes (the image data's rule: a client
+    without test nodes has no Local accuracy, and one without train nodes trains on nothing);
+    :class:`InvalidDatasetError` (a one-line ``DataError``) naming the clients, the split and
+    the fields to change otherwise."""
+    splits = (("test", "test_mask"), ("train", "train_mask"), ("validation", "val_mask"))
+    for what, mask in splits:
+        counts = np.array([int(np.sum(getattr(c, mask))) for c in clients])
+        empty = np.flatnonzero(counts == 0)
+        if empty.size:
+            shown = ", ".join(str(int(i)) for i in empty[:8]) + (
+                f", ... ({empty.size} in all)" if empty.size > 8 else "")
+            rest = (1.0 - ratio_train) / 2
+            raise InvalidDatasetError(
+                f"{name} cannot be split into num_clients={len(clients)} clients with "
+                f"graph_partition={method} and graph_ratio_train={ratio_train:g}: client(s) "
+                f"{shown} have no {what} nodes ({int(counts.sum())} {what} nodes in all; each "
+                f"node is train/test/validation with probability {ratio_train:g}/{rest:g}/"
+                f"{rest:g}); every client needs train, validation and test nodes: lower "
+                "config.num_clients or " + ("raise" if what == "train" else "lower")
+                + " config.graph_ratio_train")
 
 
 def summary(clients: Sequence[ClientGraph], name: str = "") -> str:
