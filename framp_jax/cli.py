@@ -16,7 +16,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from framp_jax import distributed as _distributed
-from framp_jax.errors import EXIT_CODE
+from framp_jax.errors import EXIT_CODE, FrampError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A get_config() file, e.g. experiments/configs/framp_cifar10_cpu.py; override "
@@ -90,7 +90,8 @@ def _main(argv):
         raise app.UsageError(f"usage: framp-jax {{{','.join(COMMANDS)}}} --config FILE --workdir DIR "
                              f"[--config.KEY=VALUE ...] [--resume]; got {cmd}")
     if FLAGS.config is None or FLAGS.workdir is None:
-        raise app.UsageError("framp-jax train needs --config FILE and --workdir DIR")
+        raise app.UsageError("usage: framp-jax train --config FILE --workdir DIR [--config.KEY=VALUE "
+                             "...] [--resume]: both --config and --workdir are needed")
     # before any other use of JAX: afterwards jax.devices() lists every process's devices
     _distributed.initialize_from_flags(FLAGS)
     from absl import logging
@@ -133,13 +134,119 @@ def _debug() -> bool:
         return True
     try:
         return bool(FLAGS.debug)
-    except flags.UnparsedFlagAccessError:
-        return False
+    except flags.UnparsedFlagAccessError:  # the flags did not parse: asked on the command line
+        return any(a in ("--debug", "--debug=true", "--debug=True") for a in sys.argv[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line itself: usage, flags, the --config file (one line each, exit status 2)
+
+
+class CommandLineError(FrampError):
+    """A bad command line: wrong usage, an unknown flag or config field, a bad flag value, a
+    --config file that is missing or cannot be loaded."""
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _config_arg(argv) -> str | None:
+    """The value of ``--config`` in ``argv`` (``--config=X`` or ``--config X``), if any."""
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a[len("--config="):]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _check_config_file(value: str) -> None:
+    """Loads the ``--config`` file as ml_collections does (``FILE`` or ``FILE:ARG``, then
+    ``get_config(ARG)``), so that a missing file, a syntax error, a file without get_config()
+    or a get_config() that raises is one line naming the file."""
+    import importlib.util
+    path, args = value, []
+    if not os.path.isfile(path) and ":" in value:
+        path, arg = value.split(":", 1)
+        args = [arg]
+    if not os.path.isfile(path):
+        raise CommandLineError(f"--config {value}: no such file (give a get_config() file, e.g. "
+                               "experiments/configs/fedavg_cifar10_cpu.py)")
+    spec = importlib.util.spec_from_file_location("framp_jax_cli_config_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+    except SyntaxError as e:
+        raise CommandLineError(f"--config {path} has a syntax error at line {e.lineno}: "
+                               f"{e.msg}") from e
+    except Exception as e:  # noqa: BLE001 - whatever the file's own code raises
+        raise CommandLineError(f"--config {path} cannot be loaded: {_one_line(e)}") from e
+    if not callable(getattr(mod, "get_config", None)):
+        raise CommandLineError(f"--config {path} defines no get_config() (a config file is a "
+                               "Python file whose get_config() returns an "
+                               "ml_collections.ConfigDict)")
+    try:
+        mod.get_config(*args)
+    except Exception as e:  # noqa: BLE001
+        raise CommandLineError(f"--config {path}: get_config() raised {_one_line(e)}") from e
+
+
+def _override_error(e: BaseException, argv) -> str | None:
+    """One line for a ``--config.KEY=VALUE`` naming a field the config does not have, with
+    ml_collections' did-you-mean; None when ``e`` is not that."""
+    import re
+    key, suggestion, x = None, None, e
+    while x is not None:  # the innermost KeyError names the missing key
+        if isinstance(x, KeyError) and x.args:
+            text = str(x.args[0])
+            m = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+            if m:
+                suggestion, key = m.group(1), m.group(2)
+            elif key is None:
+                key = text.strip("'\"")
+        x = x.__cause__ or x.__context__
+    if key is None:
+        return None
+    for a in argv:
+        if a.startswith("--config.") and key in a[len("--config."):].split("=", 1)[0].split("."):
+            path = a[len("--config."):].split("=", 1)[0]
+            parent = path[:path.index(key)].rstrip(".")
+            where = f"config.{parent}" if parent else "the config"
+            return (f"{a}: {where} has no field {key!r}"
+                    + (f"; did you mean {suggestion!r}?" if suggestion else ""))
+    return None
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, every failure one :class:`CommandLineError` line."""
+    value = _config_arg(argv[1:])
+    if value is not None:
+        _check_config_file(value)
+    try:
+        return FLAGS(argv)
+    except flags.UnrecognizedFlagError as e:
+        raise CommandLineError(f"{' '.join(str(e).split())}; see framp-jax --helpshort") from e
+    except flags.Error as e:
+        raise CommandLineError(" ".join(str(e).split())) from e
+    except (KeyError, AttributeError) as e:
+        line = _override_error(e, argv[1:])
+        if line is None:
+            raise
+        raise CommandLineError(line) from e
+
+
+def _main_usage(argv):
+    try:
+        return _main(argv)
+    except app.UsageError as e:  # absl would print its whole help and exit 1
+        raise CommandLineError(" ".join(str(e).split())) from e
 
 
 def main():
     try:
-        app.run(_main)
+        app.run(_main_usage, flags_parser=_parse_flags)
     except Exception as e:  # noqa: BLE001 - expected failures become one line
         line = expected_failure_message(e)
         if line is None or _debug():

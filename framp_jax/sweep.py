@@ -164,11 +164,16 @@ def load_sweep(path: str) -> list[Run]:
     spec = importlib.util.spec_from_file_location(
         "framp_sweep_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0]), path)
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    _exec_file(spec, mod, f"sweep file {path}")
     if not hasattr(mod, "get_sweep"):
         raise SweepError(f"sweep file {path} defines no get_sweep() (it must return a list of "
                          "framp_jax.sweep.Run)")
-    runs = list(mod.get_sweep())
+    try:
+        runs = list(mod.get_sweep())
+    except FrampError:  # the sweep file's own one-line refusal (e.g. a missing selection)
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the sweep file's code raises
+        raise SweepError(f"sweep file {path}: get_sweep() raised {_one_line(e)}") from e
     if not runs:
         raise SweepError(f"sweep file {path}: get_sweep() returned no runs")
     here = os.path.dirname(path)
@@ -187,12 +192,37 @@ def load_sweep(path: str) -> list[Run]:
     return out
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _exec_file(spec, mod, what: str) -> None:
+    """Runs a sweep or preset file; a syntax error or an exception of its code is one
+    :class:`SweepError` line naming ``what``."""
+    try:
+        spec.loader.exec_module(mod)
+    except SyntaxError as e:
+        raise SweepError(f"{what} has a syntax error at line {e.lineno}: {e.msg}") from e
+    except FrampError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise SweepError(f"{what} cannot be loaded: {_one_line(e)}") from e
+
+
 def _load_preset(path: str):
     spec = importlib.util.spec_from_file_location(
         os.path.splitext(os.path.basename(path))[0], path)
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    _exec_file(spec, mod, f"preset {path}")
+    if not callable(getattr(mod, "get_config", None)):
+        raise SweepError(f"preset {path} defines no get_config()")
+    try:
+        return mod.get_config()
+    except FrampError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise SweepError(f"preset {path}: get_config() raised {_one_line(e)}") from e
 
 
 def resolve(run: Run):
