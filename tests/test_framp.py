@@ -67,9 +67,14 @@ def test_hypernet_generates_template_at_init_scale():
     phi = hn.init(jax.random.key(2), desc)
     th = jax.vmap(hn.apply, (None, 0))(phi, desc)
     assert jax.tree.structure(th) == jax.tree.structure(jax.tree.map(lambda a: a[None], tpl))
-    k = th["conv2"]["kernel"]
-    he = np.sqrt(2.0 / (3 * 3 * 16))
-    assert 0.5 * he < float(jnp.std(k)) < 1.5 * he  # standard He scale at step 0
+    # standard He scale at step 0: theta = b * u with u ~ N(0, 1) on the init descriptors, so
+    # every kernel's RMS is sqrt(2 / fan_in) within a few % (measured 0.98-1.01; a factor
+    # sqrt(2) either way is far outside); hypernet.entry_scales is checked by hand in
+    # tests/test_reported_numbers.py
+    for name, fan_in in (("conv1", 3 * 3 * 3), ("conv2", 3 * 3 * 16), ("conv3", 3 * 3 * 32),
+                         ("dense", 1024), ("classifier", 128)):
+        rms = float(jnp.sqrt(jnp.mean(jnp.square(th[name]["kernel"]))))
+        assert 0.9 < rms / np.sqrt(2.0 / fan_in) < 1.1, name
     assert float(jnp.std(th["dense"]["bias"])) < 0.05
     # different descriptors give different models
     assert float(jnp.abs(th["conv1"]["kernel"][0] - th["conv1"]["kernel"][1]).max()) > 1e-3
@@ -191,6 +196,32 @@ def test_width_extraction_trains_narrow_models(tiny_npz):
     assert int(m["nan_clients"]) == 0 and np.isfinite(float(m["train_loss"]))
     assert any(float(jnp.abs(a - b).max()) > 0 for a, b in zip(jax.tree.leaves(new["phi"]),
                                                                  jax.tree.leaves(st["phi"])))
+    # a client of the 1/4 level trains the narrow pytree: its update (scattered back to full
+    # size for the HN) is zero outside the entries the narrow model holds and moves inside
+    # them; its prototypes and channel mask cover its kept feature channels only
+    r = wx.rates[0.25]
+    i = int(np.flatnonzero(np.isclose(np.asarray(prob.data.budgets), 0.25))[0])
+    th_i = jax.tree.map(lambda a: a[0], parts.generate(st["phi"], st["desc"][i:i + 1]))
+    x, y, n = prob.ctx.gather(prob.data, jnp.array([i]))
+    key = prob.ctx.client_keys(0, jnp.array([i]))[0]
+    delta, _, pro, _, _, dmask = wx.client(r, parts.train_with_prototypes)(
+        x[0], y[0], n[0], key, th_i, st["protos"], st["proto_valid"])
+    idx = wx.indices(th_i, r)
+    held = W.scatter(jax.tree.map(jnp.zeros_like, th_i),
+                     jax.tree.map(jnp.ones_like, wx.narrow(th_i, r)), wx.spec, idx)
+    for d, h in zip(jax.tree.leaves(delta), jax.tree.leaves(held)):
+        assert float(jnp.abs(jnp.where(h == 0, d, 0.0)).max()) == 0.0
+        assert float(jnp.abs(d).max()) > 0
+    assert float(held["conv2"]["kernel"].mean()) < 0.5  # genuinely narrower
+    fidx = np.asarray(idx[wx.keep[0]])
+    want = np.zeros(dmask.shape[0])
+    want[fidx] = 1.0
+    np.testing.assert_array_equal(np.asarray(dmask), want)
+    assert float(jnp.abs(pro[:, want == 0]).max()) == 0.0
+    # the evaluated models of that level are the narrow pytrees
+    for g in alg.eval_groups(new, prob.data):
+        b = float(prob.data.budgets[g.client_ids[0]])
+        assert g.params["conv2"]["kernel"].shape[-1] == W.width_of(k2.shape[-1], wx.rates[b])
 
 
 def test_hn_gradient_is_vjp_of_client_deltas(tiny_npz):
@@ -286,10 +317,12 @@ def test_unseen_clients_get_zero_shot_models(tiny_npz, tmp_path):
 
 
 # Options grouped so that every one is compiled and run through simulate.run in the default
-# suite with 3 runs instead of 9 (each tiny run is mostly compile time). Several also have a
-# value test (the alignment losses and width extraction above, shared rotation below, groupwise
-# and the FIARSE factor in test_fiarse.py / test_framp_variants.py, the descriptors in
-# test_framp_variants.py); generate="backbone" and eval_mode="finetuned" are checked here only.
+# suite with 3 runs instead of 9 (each tiny run is mostly compile time). What each option does
+# is checked by value on the components below (groupwise scope, batch_proto alignment, one-hot
+# descriptors, fine-tuned evaluation, width extraction; shared rotation in
+# test_shared_rotation_does_not_change_training), in test_fiarse.py / test_framp_variants.py
+# (the FIARSE factor, func_emb descriptors, generate="backbone" with head_in_topk) and above
+# (the alignment losses).
 @pytest.mark.parametrize("opt", [
     dict(framp__generate="backbone", framp__scope="groupwise", framp__align="batch_proto",
          framp__descriptor="onehot_budget", framp__proto_rotation="shared",
@@ -304,10 +337,138 @@ def test_options_run(tiny_npz, tmp_path, opt):
     assert 0.0 <= res["final"]["local"]["mean"] <= 1.0 and res["compiles"] == 1
 
 
+def _parts(prob, c):
+    from framp_jax.algorithms.framp import build
+    from framp_jax.algorithms.registry import resolve
+    return build(prob.ctx, resolve(c)[1])
+
+
+def _kept_per_group(theta, prunable, groups):
+    """{group: (nonzero prunable entries, prunable entries)} of one model."""
+    out = {}
+    for x, f, g in zip(jax.tree.leaves(theta), jax.tree.leaves(prunable), jax.tree.leaves(groups)):
+        if f:
+            k, n = out.get(g, (0, 0))
+            out[g] = (k + int(np.count_nonzero(np.asarray(x))), n + x.size)
+    return out
+
+
+def test_groupwise_scope_keeps_the_budget_in_every_stage(tiny_npz):
+    """scope="groupwise": every stage (conv1, conv2, conv3, dense, classifier) of every
+    client's evaluated model keeps floor(budget * P_stage) of its prunable entries (generated
+    values are continuous: no ties); the global top-k of the same generated models does not."""
+    c = tiny_config(tiny_npz, framp__scope="groupwise")
+    prob, alg, st = _setup(c)
+    parts = _parts(prob, c)
+    groups = M.stage_groups(parts.template)
+    assert len(set(jax.tree.leaves(groups))) == 5
+    ids = jnp.arange(prob.ctx.num_clients)
+    budgets = np.asarray(prob.data.budgets)
+    models = parts.models_at(st, st.desc, prob.data.budgets, ids)
+    gen = parts.generate(st.phi, st.desc)
+    differs = False
+    for i in range(len(budgets)):
+        mi = jax.tree.map(lambda a: a[i], models)
+        for g, (kept, n) in _kept_per_group(mi, parts.prunable, groups).items():
+            assert kept == max(int(np.floor(budgets[i] * n)), 1), (i, g, kept, n)
+        gi = jax.tree.map(lambda a: a[i], gen)
+        glob = M.apply_mask(gi, M.topk_mask(gi, parts.prunable, budgets[i]))
+        differs |= any(kept != max(int(np.floor(budgets[i] * n)), 1) for kept, n in
+                       _kept_per_group(glob, parts.prunable, groups).values())
+    assert differs
+
+
+def test_batch_proto_alignment_in_the_local_loss(tiny_npz):
+    """align="batch_proto", lam=0.5: the local loss is CE + 0.5 * sum over the batch's classes
+    with a prototype of ||mean feature - P_c||^2 / (classes * F), by hand (numpy); the FedProto
+    form gives another value on the same batch."""
+    c = tiny_config(tiny_npz, framp__align="batch_proto", framp__lam=0.5)
+    prob = build_problem(c, verbose=False)
+    parts = _parts(prob, c)
+    model = prob.ctx.model
+    p = parts.template
+    x = jax.random.normal(jax.random.key(3), (10, 8, 8, 3))
+    y = jnp.array([0, 0, 1, 1, 1, 2, 2, 3, 3, 3])
+    f_dim = model.feature_dim
+    protos = jax.random.normal(jax.random.key(4), (4, f_dim))
+    valid = jnp.array([True, True, False, True])  # class 2 has no prototype
+    rng = jax.random.key(5)
+    got = float(parts.make_loss(protos, valid)(p, x, y, rng))
+    logits, feats = model.apply(p, x, train=True, rng=rng)
+    lg, f, yy = np.asarray(logits, np.float64), np.asarray(feats, np.float64), np.asarray(y)
+    lse = np.log(np.exp(lg - lg.max(1, keepdims=True)).sum(1)) + lg.max(1)
+    ce = float(np.mean(lse - lg[np.arange(10), yy]))
+    pr = np.asarray(protos, np.float64)
+    sq = [np.sum((f[yy == k].mean(0) - pr[k]) ** 2) for k in (0, 1, 3)]
+    batch = sum(sq) / (3 * f_dim)
+    fedproto = sum(np.sum((f[j] - pr[yy[j]]) ** 2) for j in range(10) if yy[j] != 2) / (10 * f_dim)
+    assert abs(got - (ce + 0.5 * batch)) < 1e-4 * max(1.0, got)
+    assert abs(batch - fedproto) > 1e-3
+
+
+def test_onehot_budget_descriptors_give_one_model_per_level(tiny_npz):
+    """descriptor="onehot_budget": client i's descriptor is the one-hot of its budget level, so
+    clients of one level get the same generated model and clients of other levels others."""
+    c = tiny_config(tiny_npz, framp__descriptor="onehot_budget")
+    prob, alg, st = _setup(c)
+    levels = list(c.budget_levels)
+    budgets = np.asarray(prob.data.budgets)
+    want = np.eye(len(levels))[[levels.index(b) for b in budgets.tolist()]]
+    np.testing.assert_array_equal(np.asarray(st.desc), want)
+    th = jax.tree.leaves(_parts(prob, c).generate(st.phi, st.desc))
+    for i in range(1, len(budgets)):
+        same = all(bool(jnp.all(a[0] == a[i])) for a in th)
+        assert same == (budgets[i] == budgets[0]), i
+
+
+def test_finetuned_evaluation_trains_the_evaluated_models_not_the_server(tiny_npz):
+    """eval_mode="finetuned", finetune_steps=2: the evaluated model of client i is its
+    generated, budget-masked model after 2 local steps (mask = its nonzero prunable entries,
+    key fold_in(fold_in(key(seed), 4), i)), by replaying local_train; pruned entries stay 0;
+    the server state is not changed and the generated models are what eval_mode="generated"
+    evaluates."""
+    from framp_jax.client import local_train
+    c = tiny_config(tiny_npz, framp__eval_mode="finetuned", framp__finetune_steps=2)
+    prob, alg, st = _setup(c)
+    parts = _parts(prob, c)
+    before = [np.asarray(a).copy() for a in jax.tree.leaves(st)]
+    ids = jnp.arange(prob.ctx.num_clients)
+    evaluated = jax.jit(lambda s, d: alg.eval_groups(s, d)[0].params)(st, prob.data)
+    generated = parts.models_at(st, st.desc, prob.data.budgets, ids)
+    for a, b in zip(before, jax.tree.leaves(st)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    c_gen = tiny_config(tiny_npz)
+    prob_g = build_problem(c_gen, verbose=False)
+    alg_g = build_algorithm(prob_g.ctx, c_gen)
+    plain = alg_g.eval_groups(st, prob_g.data)[0].params
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(generated)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    moved = 0.0
+    for e, g, f in zip(jax.tree.leaves(evaluated), jax.tree.leaves(generated),
+                       jax.tree.leaves(parts.prunable)):
+        if f:
+            assert bool(jnp.all(jnp.where(g == 0, e, 0.0) == 0.0))
+        moved = max(moved, float(jnp.abs(e - g).max()))
+    assert moved > 1e-4
+    i = 5
+    g_i = jax.tree.map(lambda a: a[i], generated)
+    mask = jax.tree.map(lambda a, f: (a != 0).astype(a.dtype) if f else jnp.ones_like(a),
+                        g_i, parts.prunable)
+    root = jax.random.fold_in(jax.random.key(c.seed), 4)
+    want = local_train(parts.make_loss(st.protos, st.proto_valid), g_i, mask,
+                       prob.data.train_x[i], prob.data.train_y[i], prob.data.train_count[i],
+                       jax.random.fold_in(root, i), prob.ctx.local._replace(steps=2))[0]
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(evaluated)):
+        np.testing.assert_allclose(np.asarray(b[i]), np.asarray(a), rtol=1e-4, atol=1e-6)
+
+
 def test_shared_rotation_does_not_change_training(tiny_npz):
     """A secret rotation shared by the clients hides prototypes from the server but leaves the
-    alignment targets (and so training) unchanged, up to float rounding."""
-    outs = []
+    alignment targets (and so training) unchanged, up to float rounding: the server's bank is
+    the plain bank times the rotation R (fold 5 of the seed's key), so every prototype keeps
+    its norm and changes its coordinates."""
+    from framp_jax.algorithms.framp import random_rotation
+    outs, banks = [], []
     for rot in ("none", "shared"):
         c = tiny_config(tiny_npz, framp__proto_rotation=rot)
         prob, alg, st = _setup(c)
@@ -315,7 +476,18 @@ def test_shared_rotation_does_not_change_training(tiny_npz):
         for t in range(2):
             st, m = rnd(st, prob.data, jnp.int32(t))
         outs.append(float(m["train_loss"]))
+        banks.append((np.asarray(st.protos, np.float64), np.asarray(st.proto_valid)))
     assert np.isclose(outs[0], outs[1], rtol=1e-4)
+    (plain, v0), (rotated, v1) = banks
+    assert v0.all() and (v0 == v1).all()
+    r = np.asarray(random_rotation(jax.random.fold_in(jax.random.key(c.seed), 5),
+                                   plain.shape[1]), np.float64)
+    np.testing.assert_allclose(r @ r.T, np.eye(len(r)), atol=1e-5)
+    scale = np.abs(plain).max()
+    np.testing.assert_allclose(rotated, plain @ r, atol=1e-3 * scale)
+    np.testing.assert_allclose(np.linalg.norm(rotated, axis=1), np.linalg.norm(plain, axis=1),
+                               rtol=1e-3)
+    assert np.abs(rotated - plain).max() > 0.1 * scale
 
 
 def test_framp_config_errors(tiny_npz):

@@ -153,11 +153,71 @@ def test_onehot_budget_and_func_emb_descriptors(tiny_npz):
 
 
 def test_fiarse_paper_gradient_drops_no_client(tiny_npz):
-    """A budget-1 client has tau = 0, and its zero-initialised biases made the factor 0/0."""
-    c = tiny_config(tiny_npz, framp__mask_grad="fiarse_paper", clients_per_round=8)
+    """mask_grad="fiarse_paper": a client's gradient is scaled, on its prunable entries only,
+    by 1 + 2 tau |w| / (|w| + tau)^2 with tau its budget's top-k threshold of the generated
+    model (by hand, numpy), 1 on the other leaves; where |w| = tau = 0 (a zero bias of a
+    budget-1 client whose tau is 0) the factor is 1, not 0/0. Clients of budgets 1 and 1/4
+    train to finite updates, and the 1/4 client's differs from mask_grad="masked"."""
+    from framp_jax.algorithms.framp import fiarse_grad_factor
+    trained = {}
+    for mg in ("masked", "fiarse_paper"):
+        c = tiny_config(tiny_npz, framp__mask_grad=mg)
+        prob, alg, parts, st = _setup(c)
+        budgets = np.asarray(prob.data.budgets)
+        ids = jnp.array([int(np.flatnonzero(budgets == 1.0)[0]),
+                         int(np.flatnonzero(budgets == 0.25)[0])])
+        th = parts.generate(st.phi, st.desc[ids], None, ids, st.base)
+        x, y, n = prob.ctx.gather(prob.data, ids)
+        out = jax.vmap(parts.client_topk, in_axes=(0, 0, 0, 0, 0, 0, None, None))(
+            th, prob.data.budgets[ids], x, y, n, prob.ctx.client_keys(0, ids), st.protos,
+            st.proto_valid)
+        trained[mg] = out[1]
+        assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(out[0]))
+    th1 = jax.tree.map(lambda a: a[1], th)
+    tau = float(M.topk_threshold(th1, parts.prunable, 0.25))
+    assert tau > 0
+    factor = fiarse_grad_factor(th1, parts.prunable, tau)(th1, jax.tree.map(jnp.ones_like, th1))
+    for w, f, pr in zip(jax.tree.leaves(th1), jax.tree.leaves(factor),
+                        jax.tree.leaves(parts.prunable)):
+        a = np.abs(np.asarray(w, np.float64))
+        want = 1 + 2 * tau * a / (a + tau) ** 2 if pr else np.ones_like(a)
+        np.testing.assert_allclose(np.asarray(f), want, rtol=1e-5)
+    zero = {"b": jnp.array([0.0, 0.5]), "k": jnp.array([0.0, 0.0])}
+    f0 = fiarse_grad_factor(zero, {"b": True, "k": False}, 0.0)(zero, jax.tree.map(jnp.ones_like, zero))
+    np.testing.assert_array_equal(np.asarray(f0["b"]), [1.0, 1.0])
+    quarter = max(float(np.abs(np.asarray(a[1]) - np.asarray(b[1])).max()) for a, b in
+                  zip(jax.tree.leaves(trained["masked"]), jax.tree.leaves(trained["fiarse_paper"])))
+    assert quarter > 1e-4
+
+
+def test_base_residual_head_and_hist_smoothing_by_value(tiny_npz):
+    """base="fedavg", residual_head=False (the preset's variant): every client's classifier is
+    the shared base's, the other leaves are base + residual_scale * (HN output - its offset),
+    by hand. hist_smoothing=1: the descriptors' histograms are (n_ik + 1) / (n_i + K) and
+    their last entry the budget code."""
+    from framp_jax.descriptors import budget_code
+    c = tiny_config(tiny_npz, framp__base="fedavg", framp__residual_head=False,
+                    framp__hist_smoothing=1.0)
     prob, alg, parts, st = _setup(c)
-    _, m = jax.jit(alg.round)(st, prob.data, jnp.int32(0))
-    assert int(m["nan_clients"]) == 0 and np.isfinite(float(m["train_loss"]))
+    n = prob.ctx.num_clients
+    ids = jnp.arange(n)
+    theta = parts.generate(st.phi, st.desc, None, ids, st.base)
+    raw = parts.generate(st.phi, st.desc, None, ids)
+    for (path, t), r, b in zip(jax.tree_util.tree_leaves_with_path(theta), jax.tree.leaves(raw),
+                               jax.tree.leaves(st.base)):
+        name = jax.tree_util.keystr(path)
+        if name.startswith("['classifier']"):
+            np.testing.assert_array_equal(np.asarray(t), np.broadcast_to(np.asarray(b), t.shape))
+        else:
+            off = 1.0 if name.endswith("['scale']") else 0.0
+            np.testing.assert_allclose(np.asarray(t), np.asarray(b)[None] + 0.1 * (np.asarray(r) - off),
+                                       rtol=1e-5, atol=1e-7, err_msg=name)
+            assert float(jnp.abs(t[0] - t[1]).max()) > 0  # personalised
+    lc = np.asarray(prob.data.label_counts, np.float64)
+    k = lc.shape[1]
+    d = np.asarray(st.desc, np.float64)
+    np.testing.assert_allclose(d[:, :k], (lc + 1) / (lc.sum(1, keepdims=True) + k), rtol=1e-6)
+    np.testing.assert_allclose(d[:, k], np.asarray(budget_code(prob.data.budgets)), rtol=1e-6)
 
 
 # 3 runs cover each variant (each tiny run is mostly compile time): the preset's

@@ -228,6 +228,63 @@ def test_three_rounds_compile_once(tmp_path, method, opts):
     assert len(rows) == 4 and os.path.isdir(tmp_path / "run" / "checkpoints")
 
 
+def test_fedrolex_count_bug_and_last_window_by_value(tmp_path):
+    """What test_three_rounds_compile_once's FedRolex options do, by hand on one round at
+    t = 1 (one client per level: budget 1 at rate 1, budget 1/16 at rate 1/4, window
+    (j - 1) mod C for j < ceil(C / 4)).
+
+    official_count_bug: the running counts start at 1 and grow by the holders of each counted
+    entry: every 1-D leaf gets 2 + [channel in the window], the output bias 1 + the clients
+    holding that label, hidden kernels (not counted) stay 1; without the option there are none.
+    eval_window="last": after t_done rounds the 1/16 level is evaluated on the window of round
+    t_done - 1, roll0 on the prefix."""
+    from framp_jax.algorithms.heterofl import backbone_family
+    from framp_jax.problem import build_algorithm, build_problem
+    npz = _tiny_npz(tmp_path / "tiny.npz")
+    c = _config(npz, "fedrolex", official_count_bug=True, eval_window="last", eval_bn="batch")
+    prob = build_problem(c, verbose=False)
+    alg = build_algorithm(prob.ctx, c)
+    state = alg.init(None, prob.data)
+    assert all(bool(jnp.all(x == 1)) for x in jax.tree.leaves(state.tmp_counts))
+    new, _ = jax.jit(alg.round)(state, prob.data, jnp.int32(1))
+    levels = prob.ctx.sample_clients_by_level(jnp.int32(1))
+    assert [int(v.sum()) for _, _, v in levels] == [1, 1]
+    has = np.asarray(prob.data.label_counts)[[int(ids[0]) for _, ids, _ in levels]] > 0
+    for (path, cnt), p in zip(jax.tree_util.tree_leaves_with_path(new.tmp_counts),
+                              jax.tree.leaves(new.params)):
+        name = jax.tree_util.keystr(path)
+        cnt = np.asarray(cnt)
+        if name == "['classifier']['bias']":
+            np.testing.assert_array_equal(cnt, 1 + has.sum(0))
+        elif cnt.ndim == 1:
+            n = cnt.shape[0]
+            window = (np.arange(W.width_of(n, 0.25)) - 1) % n
+            want = np.full(n, 2.0)
+            want[window] = 3.0
+            np.testing.assert_array_equal(cnt, want, err_msg=name)
+        elif name != "['classifier']['kernel']":
+            assert (cnt == 1).all(), name
+    c_plain = _config(npz, "fedrolex", eval_bn="batch")
+    assert build_algorithm(prob.ctx, c_plain).init(None, prob.data).tmp_counts is None
+    # evaluation windows: the state after 3 completed rounds
+    spec = backbone_family(prob.ctx.family, "preact").spec
+    st3 = new._replace(t=jnp.int32(3))
+    sizes = W.unit_sizes(st3.params, spec)
+    small = [g for g in alg.eval_groups(st3, prob.data)
+             if np.isclose(prob.ctx.budgets[g.client_ids[0]], 0.0625)][0]
+    for got, want in zip(jax.tree.leaves(small.params["params"]), jax.tree.leaves(
+            W.gather(st3.params, spec, W.rolling_indices(sizes, 0.25, 2)))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert all(int(ix[0]) == n - 2 for ix, n in zip(W.rolling_indices(sizes, 0.25, 2).values(),
+                                                    sizes.values()))  # not the prefix
+    roll0 = build_algorithm(prob.ctx, c_plain)
+    small0 = [g for g in roll0.eval_groups(new._replace(t=None, tmp_counts=None), prob.data)
+              if np.isclose(prob.ctx.budgets[g.client_ids[0]], 0.0625)][0]
+    for got, want in zip(jax.tree.leaves(small0.params["params"]), jax.tree.leaves(
+            W.gather(new.params, spec, W.prefix_indices(sizes, 0.25)))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_rolling_round_moves_the_window(tmp_path):
     """One FedRolex round at t = 1 with one 1/16-budget client only (rate 1/4 of conv1's 16
     channels = 4): conv1 output channels (j - 1) mod 16 for j < 4 = {15, 0, 1, 2} change, the
