@@ -152,12 +152,34 @@ def _from_restored(restored: Any, like: Any) -> Any:
     return restored
 
 
+def _no_space(err: BaseException) -> bool:
+    """Whether ``err`` (or an exception it was raised from) is a full disk or quota."""
+    import errno
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+                s in str(err) for s in ("No space left on device", "Disk quota exceeded")):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def _one_line(err: BaseException) -> str:
-    """``Type: first line of the message`` (at most 300 characters)."""
-    msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    """``Type: first line of the message`` without tensorstore's spec dump (at most 300
+    characters); a full disk says so first."""
+    if _no_space(err):
+        return "No space left on device (or disk quota exceeded)"
+    text = err.args[0] if isinstance(err, KeyError) and err.args else err
+    msg = str(text).strip()
+    if msg.startswith("<bound method") or msg.startswith("<function"):
+        msg = ""  # an exception carrying a callable, not a message
+    msg = msg.splitlines()[0] if msg else ""
+    for cut in (" [tensorstore_spec", " [source locations"):
+        msg = msg.split(cut)[0]
     if len(msg) > 300:
         msg = msg[:300] + "..."
-    return f"{type(err).__name__}: {msg}"
+    return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
 
 
 def _leaf_crc(x: Any) -> dict | None:
@@ -271,7 +293,10 @@ class CheckpointManager:
         except Exception as e:  # noqa: BLE001 - disk full, permissions, I/O errors inside orbax
             raise CheckpointError(
                 f"could not write the checkpoint for round {round} to {self.step_dir(round)}: "
-                f"{_one_line(e)} (is the disk full or the workdir not writable?)") from e
+                f"{_one_line(e)}"
+                + ("; free space on the disk (the checkpoints before it are kept)"
+                   if _no_space(e) else " (is the disk full or the workdir not writable?)")
+            ) from e
         if not saved:  # pragma: no cover - orbax policy refused; should not happen with force
             raise RuntimeError(f"orbax did not save the checkpoint for round {round}")
 

@@ -96,6 +96,8 @@ def _main(argv):
     _distributed.initialize_from_flags(FLAGS)
     from absl import logging
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    if not _debug():  # orbax's own error log (a failed save, a corrupt checkpoint): the one
+        _quiet_library_logs()  # line framp-jax prints says it; --debug shows it all
     from framp_jax.simulate import run
     res = run(FLAGS.config, FLAGS.workdir, resume=FLAGS.resume, progress=FLAGS.progress)
     if not _distributed.is_writer():
@@ -244,9 +246,54 @@ def _main_usage(argv):
         raise CommandLineError(" ".join(str(e).split())) from e
 
 
+def _quiet_library_logs() -> None:
+    """Only fatal messages from absl logging (orbax's) and asyncio (tensorstore's abandoned
+    futures after a failed read)."""
+    import logging as pylogging
+
+    from absl import logging
+    logging.set_verbosity(logging.FATAL)
+    pylogging.getLogger("asyncio").setLevel(pylogging.CRITICAL)
+
+
+INTERRUPTED_EXIT_CODE = 130  # the shell's status for a process stopped by Ctrl-C (SIGINT)
+
+
+def interrupted_message(e: KeyboardInterrupt, argv) -> str:
+    """The line for Ctrl-C: a run says where it stopped and how to continue."""
+    if str(e):
+        return " ".join(str(e).split())
+    if "sweep" in argv[1:2]:
+        return ("sweep stopped; run the same command again to continue (finished runs are "
+                "kept, interrupted ones resume from their latest checkpoints)")
+    return "stopped"
+
+
+def _framp_warning_lines() -> None:
+    """framp_jax's own warnings (e.g. an unreadable decoded-data cache) as one line each,
+    ``framp-jax: warning: ...``, instead of Python's two-line ``file:line: Category: ...``."""
+    import warnings
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        here = os.path.dirname(os.path.abspath(__file__))
+        if os.path.abspath(str(filename)).startswith(here + os.sep) and not _debug():
+            print(f"framp-jax: warning: {' '.join(str(message).split())}",
+                  file=file or sys.stderr, flush=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+    warnings.showwarning = show
+
+
 def main():
+    _framp_warning_lines()
     try:
         app.run(_main_usage, flags_parser=_parse_flags)
+    except KeyboardInterrupt as e:
+        if _debug():
+            raise
+        print(f"framp-jax: {interrupted_message(e, sys.argv)}", file=sys.stderr, flush=True)
+        sys.exit(INTERRUPTED_EXIT_CODE)
     except Exception as e:  # noqa: BLE001 - expected failures become one line
         line = expected_failure_message(e)
         if line is None or _debug():

@@ -52,13 +52,14 @@ class EventWriter:
 
     ``EventWriter(logdir)`` creates ``logdir/events.out.tfevents.<time>.<host>.<random hex>``
     (the random suffix keeps writers started on one directory in the same second apart) holding
-    the ``brain.Event:2`` header record. Each :meth:`scalar`/:meth:`scalars` call appends one
+    the ``brain.Event:2`` header record (then, with ``purge_step``, TensorBoard's
+    ``SessionLog.START`` record at that step). Each :meth:`scalar`/:meth:`scalars` call appends one
     ``Event`` record, written at once (tensorboardX's synchronous ``EventsWriter``, not
     ``SummaryWriter``'s background queue), so :meth:`flush` (flush + fsync) makes everything
     written so far durable. Also usable as a context manager.
     """
 
-    def __init__(self, logdir: str | os.PathLike):
+    def __init__(self, logdir: str | os.PathLike, purge_step: int | None = None):
         from tensorboardX.event_file_writer import EventsWriter
 
         self.logdir = os.fspath(logdir)
@@ -67,6 +68,12 @@ class EventWriter:
         self._writer = EventsWriter(os.path.join(self.logdir, "events"), suffix)
         (self.path,) = glob.glob(os.path.join(glob.escape(self.logdir),
                                               f"events.out.tfevents.*{suffix}"))
+        if purge_step is not None:
+            # as SummaryWriter(purge_step=...): TensorBoard drops the events of earlier files
+            # at steps >= purge_step (a resumed run logs those rounds again)
+            from tensorboardX.proto.event_pb2 import Event, SessionLog
+            self._writer.write_event(Event(wall_time=time.time(), step=int(purge_step),
+                                           session_log=SessionLog(status=SessionLog.START)))
         self.flush()
 
     def _write(self, step: int, items: list[tuple[str, float]]) -> None:
@@ -76,7 +83,9 @@ class EventWriter:
         if self._writer is None:
             raise ValueError(f"EventWriter for {self.path} is closed")
         summary = Summary(value=[Summary.Value(tag=tag, simple_value=v) for tag, v in items])
-        self._writer.write_event(Event(wall_time=time.time(), step=int(step), summary=summary))
+        with _naming_the_file(self.path):
+            self._writer.write_event(Event(wall_time=time.time(), step=int(step),
+                                           summary=summary))
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         """Appends one scalar ``value`` under ``tag`` at ``step``."""
@@ -98,7 +107,8 @@ class EventWriter:
 
     def flush(self) -> None:
         if self._writer is not None:
-            self._writer.flush()
+            with _naming_the_file(self.path):
+                self._writer.flush()
 
     def close(self) -> None:
         if self._writer is not None:
@@ -173,7 +183,28 @@ def current_umask() -> int:
     return mask
 
 
+class _naming_the_file:
+    """Gives an OSError raised without a file name (a write or fsync that fails with ENOSPC)
+    the name of the file being written, so that its one-line message says where."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, e, tb):
+        if isinstance(e, OSError) and not e.filename and e.errno is not None:
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), self.path) from e
+        return False
+
+
 def _atomic_write_text(path: str, text: str) -> None:
+    with _naming_the_file(path):
+        _atomic_write_text_(path, text)
+
+
+def _atomic_write_text_(path: str, text: str) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
@@ -256,7 +287,7 @@ class MetricsCSV:
         if widened or not self._synced or not os.path.exists(self.path):
             self._rewrite()
             return
-        with open(self.path, "a", newline="") as f:
+        with _naming_the_file(self.path), open(self.path, "a", newline="") as f:
             f.write(self._render([row], header=False))
             f.flush()
             os.fsync(f.fileno())

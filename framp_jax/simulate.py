@@ -119,8 +119,13 @@ def run(c, workdir: str, resume: bool = False, progress: bool = True, log=print,
         raise CheckpointError(_nothing_to_resume(c, workdir))
     lock = WorkdirLock(workdir).acquire() if dist.is_writer() else None
     closers = []  # what _run opened (progress bar, checkpoint manager), closed on any exit
+    where = {}  # the last round trained, for the message of an interrupted run
     try:
-        return _run(c, workdir, resume, progress, log, warn, closers)
+        return _run(c, workdir, resume, progress, log, warn, closers, where)
+    except KeyboardInterrupt as e:  # Ctrl-C: where it stopped and how to go on, in one line
+        if isinstance(e, RunInterrupted):
+            raise
+        raise RunInterrupted(_interrupted_message(c, workdir, where.get("round"))) from e
     finally:
         for close in reversed(closers):
             try:
@@ -129,6 +134,30 @@ def run(c, workdir: str, resume: bool = False, progress: bool = True, log=print,
                 pass
         if lock is not None:
             lock.release()
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped a run; the message says at which round and how to go on."""
+
+
+def _interrupted_message(c, workdir, done) -> str:
+    from framp_jax.checkpoint import saved_rounds
+    ckdir = os.path.join(workdir, "checkpoints")
+    rounds = saved_rounds(ckdir)
+    if done is None:
+        head = "stopped before the first round (while loading the data or compiling)"
+    else:
+        head = f"stopped at round {done} of {c.rounds}"
+    if rounds:
+        again = ""
+        if done is not None and done > rounds[-1]:
+            again = (f" (round {done} is trained again)" if done == rounds[-1] + 1 else
+                     f" (rounds {rounds[-1] + 1}-{done} are trained again)")
+        return (f"{head}; continue with --resume from the latest checkpoint, round {rounds[-1]} "
+                f"({os.path.join(ckdir, str(rounds[-1]))}){again}")
+    return (f"{head}, before the first checkpoint (one is saved every checkpoint_every="
+            f"{c.checkpoint_every} rounds): there is nothing to resume; start the run again "
+            "without --resume")
 
 
 def _has_checkpoint_dirs(workdir) -> bool:
@@ -278,7 +307,7 @@ def check_checkpoints(c, workdir, ckpt, resume: bool):
             "with the original values, or start without --resume in a new workdir")
 
 
-def _run(c, workdir: str, resume: bool, progress: bool, log, warn, closers) -> dict:
+def _run(c, workdir: str, resume: bool, progress: bool, log, warn, closers, where=None) -> dict:
     from framp_jax.checkpoint import CheckpointManager
     from framp_jax import distributed as dist
     from framp_jax.rundir import EventWriter, MetricsCSV, plot_budget_accuracy, write_json_atomic
@@ -368,7 +397,14 @@ def _run(c, workdir: str, resume: bool, progress: bool, log, warn, closers) -> d
     # leaves the workdir's config.json describing the run its checkpoints belong to
     if writer:
         write_json_atomic(os.path.join(workdir, "config.json"), resolved)
-    tb = EventWriter(os.path.join(workdir, "tb")) if writer else dist.NULL_WRITER
+    # TensorBoard: a resumed run's events replace those logged after its checkpoint (the purge
+    # step), and a fresh run does not show the event files of a run that failed before its
+    # first checkpoint (check_checkpoints refused a fresh run over any checkpoint)
+    if writer and not resume:
+        _remove_event_files(os.path.join(workdir, "tb"))
+    tb = (EventWriter(os.path.join(workdir, "tb"), purge_step=start + 1 if start else None)
+          if writer else dist.NULL_WRITER)
+    closers.append(tb.close)  # what was logged is on disk after an error or Ctrl-C too
 
     final_clients = {}  # the last (full) evaluation's per-client accuracies, for results.json
 
@@ -396,6 +432,8 @@ def _run(c, workdir: str, resume: bool, progress: bool, log, warn, closers) -> d
                    dynamic_ncols=True, mininterval=1.0)
         closers.append(bar.close)  # on an error too, so the error starts on its own line
     t0 = time.time()
+    where = {} if where is None else where
+    where["round"] = start
     last = {}
     max_loss = c.max_loss_ratio * float(np.log(max(int(prob.ctx.num_classes), 2)))
     for t in range(start, c.rounds):
@@ -404,6 +442,7 @@ def _run(c, workdir: str, resume: bool, progress: bool, log, warn, closers) -> d
         state, m = round_fn(state, data, jnp.int32(t))
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         rnd = t + 1
+        where["round"] = rnd
         if not np.isfinite(m["train_loss"]):
             raise NonFiniteError(
                 f"round {rnd}: every participating client returned a NaN/Inf loss or update "
@@ -477,6 +516,15 @@ def _run(c, workdir: str, resume: bool, progress: bool, log, warn, closers) -> d
         plot_budget_accuracy(history, os.path.join(workdir, "accuracy.png"),
                              title=f"{c.method} on {c.dataset} (seed {c.seed})")
     return results
+
+
+def _remove_event_files(tb_dir: str) -> None:
+    import glob
+    for f in glob.glob(os.path.join(glob.escape(tb_dir), "events.out.tfevents.*")):
+        try:
+            os.remove(f)
+        except FileNotFoundError:
+            pass
 
 
 def make_results(c, history, wall, compiles, prob, setup_s=0.0):

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 
@@ -116,3 +117,179 @@ def test_sweep_file_errors_are_one_line(tmp_path):
         load_sweep(raises)
     _one_line(_cli("sweep", "--sweep", syntax, "--workdir", str(tmp_path / "w")),
               f"sweep file {syntax} has a syntax error at line 1: invalid syntax")
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Ctrl-C, warnings; 8. TensorBoard after a resume; 6. a full disk
+
+
+def test_ctrl_c_says_where_the_run_stopped(tmp_path, tiny_config):
+    from framp_jax.simulate import _interrupted_message
+    c = tiny_config(rounds=10, checkpoint_every=2)
+    wd = tmp_path / "w"
+    assert _interrupted_message(c, str(wd), None) == (
+        "stopped before the first round (while loading the data or compiling), before the first "
+        "checkpoint (one is saved every checkpoint_every=2 rounds): there is nothing to resume; "
+        "start the run again without --resume")
+    assert _interrupted_message(c, str(wd), 1).startswith("stopped at round 1 of 10, before the "
+                                                          "first checkpoint")
+    (wd / "checkpoints" / "2").mkdir(parents=True)
+    (wd / "checkpoints" / "4").mkdir()
+    ck = wd / "checkpoints" / "4"
+    assert _interrupted_message(c, str(wd), 4) == (
+        f"stopped at round 4 of 10; continue with --resume from the latest checkpoint, round 4 "
+        f"({ck})")
+    assert _interrupted_message(c, str(wd), 5).endswith(f"round 4 ({ck}) (round 5 is trained "
+                                                        "again)")
+    assert _interrupted_message(c, str(wd), 7).endswith("(rounds 5-7 are trained again)")
+
+
+@pytest.mark.parametrize("argv, exc, expected", [
+    (["framp-jax", "train"], "run", "stopped at round 3 of 4; continue with --resume from the "
+                                    "latest checkpoint, round 2 (/w/checkpoints/2)"),
+    (["framp-jax", "sweep"], "plain", "sweep stopped; run the same command again to continue "
+                                      "(finished runs are kept, interrupted ones resume from "
+                                      "their latest checkpoints)"),
+])
+def test_ctrl_c_is_one_line_exit_130(monkeypatch, capsys, argv, exc, expected):
+    from framp_jax.simulate import RunInterrupted
+    err = RunInterrupted(expected) if exc == "run" else KeyboardInterrupt()
+
+    def interrupted(*a, **k):
+        raise err
+    monkeypatch.setattr(cli.app, "run", interrupted)
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.delenv("FRAMP_DEBUG", raising=False)
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() installs its own
+    with pytest.raises(SystemExit) as ei:
+        cli.main()
+    assert ei.value.code == 130
+    assert capsys.readouterr().err == f"framp-jax: {expected}\n"
+    monkeypatch.setenv("FRAMP_DEBUG", "1")  # the traceback under --debug
+    with pytest.raises(KeyboardInterrupt):
+        cli.main()
+
+
+def test_framp_warnings_are_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    monkeypatch.delenv("FRAMP_DEBUG", raising=False)
+    cli._framp_warning_lines()
+    vision = os.path.join(REPO, "framp_jax", "data", "vision.py")
+    warnings.showwarning(RuntimeWarning("decoded cache /c/x.npz is unreadable\n(BadZipFile); "
+                                        "it is rebuilt"), RuntimeWarning, vision, 340)
+    assert capsys.readouterr().err == ("framp-jax: warning: decoded cache /c/x.npz is unreadable "
+                                       "(BadZipFile); it is rebuilt\n")
+    warnings.showwarning(UserWarning("other"), UserWarning, "/elsewhere/lib.py", 3)
+    assert "framp-jax" not in capsys.readouterr().err  # others' go to the usual display
+
+
+def _read_events(path):
+    """The ``Event`` records of one TensorBoard event file (TFRecord framing)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+    out = []
+    with open(path, "rb") as f:
+        while True:
+            head = f.read(12)
+            if len(head) < 12:
+                return out
+            (n,) = struct.unpack("<Q", head[:8])
+            data = f.read(n)
+            f.read(4)
+            ev = Event()
+            ev.ParseFromString(data)
+            out.append(ev)
+
+
+def tensorboard_steps(tb_dir, tag="train_loss"):
+    """The steps of ``tag`` as TensorBoard shows them: files in name (= start time) order, a
+    ``SessionLog.START`` at step s drops the steps >= s seen so far (its purge)."""
+    import glob
+
+    from tensorboardX.proto.event_pb2 import SessionLog
+    steps = []
+    for f in sorted(glob.glob(os.path.join(tb_dir, "events.out.tfevents.*"))):
+        for ev in _read_events(f):
+            if ev.HasField("session_log") and ev.session_log.status == SessionLog.START:
+                steps = [s for s in steps if s < ev.step]
+            elif ev.HasField("summary") and any(v.tag == tag for v in ev.summary.value):
+                steps.append(ev.step)
+    return steps
+
+
+def test_event_writer_purge_step(tmp_path):
+    from framp_jax.rundir import EventWriter
+    with EventWriter(tmp_path) as w:
+        for s in (1, 2, 3):
+            w.scalars({"train_loss": 1.0}, s)
+    __import__("time").sleep(1.1)  # event file names start with the second they were made
+    with EventWriter(tmp_path, purge_step=3) as w:  # resumed from round 2: round 3 again
+        w.scalars({"train_loss": 0.5}, 3)
+    assert tensorboard_steps(tmp_path) == [1, 2, 3]
+
+
+def test_checkpoint_error_reasons_are_short(tmp_path, monkeypatch):
+    import errno
+
+    from framp_jax.checkpoint import CheckpointManager, _one_line
+    from framp_jax.errors import CheckpointError
+    spec = ('NOT_FOUND: Error opening "zarr" driver: Metadata at "w/.zarray" does not exist '
+            '[tensorstore_spec=\'{"context":{"cache_pool":{}}}\'] [source locations=\'x.cc:1\']')
+    assert _one_line(ValueError(spec)) == ('ValueError: NOT_FOUND: Error opening "zarr" driver: '
+                                           'Metadata at "w/.zarray" does not exist')
+    assert _one_line(KeyError('Item "extra" was not found')) == \
+        'KeyError: Item "extra" was not found'
+    assert _one_line(ValueError(test_checkpoint_error_reasons_are_short)) == "ValueError"
+    m = CheckpointManager(tmp_path / "ck", keep=None)
+
+    def full(*a, **k):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:  # orbax wraps it in a long error of its own
+            raise ValueError("x" * 500 + " /very/long/path/that/is/cut") from e
+    monkeypatch.setattr(m._mngr, "save", full)
+    with pytest.raises(CheckpointError) as ei:
+        m.save(3, {"w": __import__("numpy").zeros(2, "float32")})
+    assert str(ei.value) == (f"could not write the checkpoint for round 3 to {tmp_path / 'ck' / '3'}"
+                             ": No space left on device (or disk quota exceeded); free space on "
+                             "the disk (the checkpoints before it are kept)")
+    m.close()
+
+
+def test_writes_that_fail_without_a_file_name_name_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from framp_jax.rundir import MetricsCSV, write_json_atomic
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as write()/fsync() raise it
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as ei:
+        write_json_atomic(tmp_path / "results.json", {"a": 1})
+    assert ei.value.filename == str(tmp_path / "results.json")
+    assert cli.expected_failure_message(ei.value) == (
+        f"cannot write ({tmp_path / 'results.json'}): No space left on device; free space on the "
+        "disk or choose another --workdir")
+    assert not list(tmp_path.glob(".results.json*"))  # no temporary file left behind
+    monkeypatch.undo()
+    m = MetricsCSV(tmp_path / "metrics.csv")
+    m.append({"round": 1, "a": 0.5})
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as ei:
+        m.append({"round": 2, "a": 0.5})
+    assert ei.value.filename == str(tmp_path / "metrics.csv")
+
+
+def test_library_logs_are_quiet_without_debug():
+    import logging as pylogging
+
+    from absl import logging
+    before = (logging.get_verbosity(), pylogging.getLogger("asyncio").level)
+    try:
+        cli._quiet_library_logs()
+        assert logging.get_verbosity() == logging.FATAL
+        assert pylogging.getLogger("asyncio").level == pylogging.CRITICAL
+    finally:
+        logging.set_verbosity(before[0])
+        pylogging.getLogger("asyncio").setLevel(before[1])
