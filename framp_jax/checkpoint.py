@@ -374,9 +374,9 @@ class CheckpointManager:
                     "intact checkpoint (the damaged ones are replaced as the run goes on)")
             return state, extra
         err = CorruptCheckpointError(bad[0].directory, bad[0].round, bad[0].reason)
+        from framp_jax.errors import fresh_start_advice
         err.args = (f"no checkpoint in {self.directory} reads back intact (rounds {rounds}; "
-                    f"round {bad[0].round}: {bad[0].reason}); start the run again without "
-                    "--resume in a new workdir",)
+                    f"round {bad[0].round}: {bad[0].reason}); {fresh_start_advice()}",)
         raise err
 
     def restore_extra(self, round: int | None = None) -> dict:

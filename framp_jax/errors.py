@@ -23,6 +23,18 @@ __all__ = [
 
 EXIT_CODE = 2  # the CLI's exit status for every FrampError
 
+SWEEP_RUN_ENV = "FRAMP_SWEEP_RUN"  # set by framp-jax sweep for the training runs it starts
+
+
+def fresh_start_advice() -> str:
+    """How to start a run over: in a new workdir, or (a run a sweep started: the sweep
+    chooses its directories) by moving its directory away so the sweep starts it again."""
+    import os
+    if os.environ.get(SWEEP_RUN_ENV):
+        return ("move this run directory away (the next framp-jax sweep invocation starts the "
+                "run again)")
+    return "start without --resume in a new workdir"
+
 
 class FrampError(Exception):
     """An expected failure with a message meant for the user (one line)."""

@@ -64,6 +64,21 @@ HASH_STABLE_DEFAULTS = {
 }
 
 
+def _with_stable_defaults(d: dict) -> dict:
+    """``d`` (a :func:`hashed_config`) with the :data:`HASH_STABLE_DEFAULTS` it leaves out put
+    back, so that a changed field reads ``float32 -> bfloat16``, not ``(unset) -> bfloat16``."""
+    import copy
+    d = copy.deepcopy(d)
+    for path, default in HASH_STABLE_DEFAULTS.items():
+        *parents, leaf = path.split(".")
+        node = d
+        for k in parents:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf not in node:
+            node[leaf] = default
+    return d
+
+
 def _same(value, default) -> bool:
     return type(value) is type(default) and value == default
 
@@ -116,6 +131,9 @@ def run(c, workdir: str, resume: bool = False, progress: bool = True, log=print,
     C.validate(c)
     check_data_env()  # an explicitly set $FRAMP_DATA_DIR that does not exist
     if resume and not _has_checkpoint_dirs(workdir):  # before the lock creates the workdir
+        from framp_jax.rundir import LOCK_NAME
+        if dist.is_writer() and os.path.exists(os.path.join(workdir, LOCK_NAME)):
+            WorkdirLock(workdir).acquire().release()  # a run still starting there is named
         raise CheckpointError(_nothing_to_resume(c, workdir))
     lock = WorkdirLock(workdir).acquire() if dist.is_writer() else None
     closers = []  # what _run opened (progress bar, checkpoint manager), closed on any exit
@@ -247,11 +265,8 @@ def _data_changed(workdir, r, old: dict, new: dict, verb: str) -> Exception:
 
 
 def _fresh_start_advice() -> str:
-    """How to start over: a sweep chooses its runs' directories (``$FRAMP_SWEEP_RUN`` is set for
-    the runs it starts), so its users move the run directory away instead."""
-    if os.environ.get("FRAMP_SWEEP_RUN"):
-        return ("move this run directory away so that the sweep starts the run again")
-    return "start without --resume in a new workdir"
+    from framp_jax.errors import fresh_start_advice
+    return fresh_start_advice()
 
 
 def check_checkpoints(c, workdir, ckpt, resume: bool):
@@ -300,11 +315,12 @@ def check_checkpoints(c, workdir, ckpt, resume: bool):
                     old = hashed_config(json.load(f))
             except (OSError, ValueError):
                 old = None
-        changed = config_diff(old, hashed_config(c)) if old is not None else []
+        changed = (config_diff(_with_stable_defaults(old), _with_stable_defaults(hashed_config(c)))
+                   if old is not None else [])
         raise CheckpointMismatchError(
             f"cannot resume {workdir}: its checkpoint of round {r} was written with a different "
             f"config; changed: {'; '.join(changed) or f'config hash {stored} -> {now}'}; resume "
-            "with the original values, or start without --resume in a new workdir")
+            "with the original values, or " + _fresh_start_advice())
 
 
 def _run(c, workdir: str, resume: bool, progress: bool, log, warn, closers, where=None) -> dict:

@@ -445,7 +445,8 @@ def _schedule(runs, configs, workdir, jobs, log, status, env) -> dict:
     for r in runs:
         if states[r.name][0] == "other":
             errors[r.name] = states[r.name][1]
-            _record_failure(os.path.join(workdir, r.name), r.name, errors[r.name], status, log)
+            _record_failure(os.path.join(workdir, r.name), r.name, errors[r.name], status, log,
+                            configs[r.name])
     durations: list[float] = []
     running: dict = {}  # name -> (Popen, run, start, log file)
     queue = list(todo)
@@ -460,6 +461,8 @@ def _schedule(runs, configs, workdir, jobs, log, status, env) -> dict:
 
     from framp_jax.shard import child_memory_env
     child_env, note = child_memory_env(os.environ if env is None else env, jobs)
+    from framp_jax.errors import SWEEP_RUN_ENV
+    child_env = {**child_env, SWEEP_RUN_ENV: "1"}  # its errors' advice fits the sweep's runs
     if note:
         log(f"sweep: {note}")
     while queue or running:
@@ -467,10 +470,11 @@ def _schedule(runs, configs, workdir, jobs, log, status, env) -> dict:
             r, resume = queue.pop(0)
             rd = os.path.join(workdir, r.name)
             os.makedirs(rd, exist_ok=True)
-            try:
-                os.remove(os.path.join(rd, ERROR_TXT))
-            except FileNotFoundError:
-                pass
+            for stale in (ERROR_TXT, ERROR_CONFIG):
+                try:
+                    os.remove(os.path.join(rd, stale))
+                except FileNotFoundError:
+                    pass
             logf = open(os.path.join(rd, TRAIN_LOG), "a")
             cmd = train_command(r, rd, resume)
             logf.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(cmd)}\n")
@@ -498,20 +502,39 @@ def _schedule(runs, configs, workdir, jobs, log, status, env) -> dict:
             else:
                 failed += 1
                 errors[name] = _error_from_log(os.path.join(rd, TRAIN_LOG), rc)
-                _record_failure(rd, name, errors[name], status, log)
+                _record_failure(rd, name, errors[name], status, log, configs[name])
             progress()
     if not todo:
         progress()
     return {"runs": total, "done": done, "failed": failed, "skipped": skipped, "errors": errors}
 
 
-def _record_failure(rundir, name, msg, status, log):
+ERROR_CONFIG = ".error_config_hash"  # the config hash error.txt was recorded for
+
+
+def _record_failure(rundir, name, msg, status, log, c=None):
     os.makedirs(rundir, exist_ok=True)
     with open(os.path.join(rundir, ERROR_TXT), "w") as f:
         f.write(msg + "\n")
+    if c is not None:  # so that --status can tell an error of an earlier config
+        from framp_jax.simulate import config_hash
+        with open(os.path.join(rundir, ERROR_CONFIG), "w") as f:
+            f.write(f"{config_hash(c)} {int(c.rounds)}\n")
     status.write(name, "failed", msg)
     log_file = os.path.join(rundir, TRAIN_LOG)
     log(f"sweep: {name} FAILED: {msg}" + (f" (log: {log_file})" if os.path.exists(log_file) else ""))
+
+
+def _error_of_another_config(rundir, c) -> bool:
+    """Whether error.txt was recorded for another config (hash or rounds) than ``c``; False
+    when that is not recorded."""
+    from framp_jax.simulate import config_hash
+    try:
+        with open(os.path.join(rundir, ERROR_CONFIG)) as f:
+            recorded = f.read().split()
+    except OSError:
+        return False
+    return recorded != [config_hash(c), str(int(c.rounds))]
 
 
 def sweep_units(runs: Sequence[Run]) -> list[list[Run]]:
@@ -546,7 +569,11 @@ def sweep_status(sweep_file: str, workdir: str, only: str | Sequence[str] | None
         elif state in ("partial", "new") and os.path.exists(os.path.join(rd, ERROR_TXT)):
             with open(os.path.join(rd, ERROR_TXT), errors="replace") as f:
                 err = " ".join(f.read().split())
-            state, detail = "failed", (f"{detail}; " if detail else "") + f"last error: {err}"
+            if _error_of_another_config(rd, c):  # the sweep file changed the run since
+                detail = ((f"{detail}; " if detail else "") + "its last error was for an "
+                          "earlier config of the run")
+            else:
+                state, detail = "failed", (f"{detail}; " if detail else "") + f"last error: {err}"
         if owner is None and elsewhere is not None:  # not checkable from here: said, state kept
             detail = (f"{detail}; " if detail else "") + f"last started by {elsewhere}"
         out.append({"name": r.name, "state": state, "detail": detail})

@@ -293,3 +293,97 @@ def test_library_logs_are_quiet_without_debug():
     finally:
         logging.set_verbosity(before[0])
         pylogging.getLogger("asyncio").setLevel(before[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. lines that misled
+
+
+def test_resume_while_a_run_starts_in_the_workdir_names_it(tiny_config, tmp_path):
+    """No checkpoint yet, but another run holds the workdir: named, not 'nothing to resume'."""
+    import json
+    import signal
+    import socket
+
+    from test_reliability import _start_lock_holder
+
+    from framp_jax import simulate
+    from framp_jax.errors import WorkdirLockedError
+    wd = tmp_path / "w"
+    holder = _start_lock_holder(wd)
+    try:
+        with pytest.raises(WorkdirLockedError) as ei:
+            simulate.run(tiny_config(), str(wd), resume=True, progress=False)
+        started = json.loads((wd / ".framp-jax.lock").read_text())["started"]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert str(ei.value) == (f"workdir {wd} is in use by another framp-jax run (pid {holder.pid} "
+                             f"on host {socket.gethostname()}, started {started}); wait for it "
+                             "to finish, or use another --workdir")
+    from framp_jax.errors import CheckpointError
+    with pytest.raises(CheckpointError, match="nothing to resume"):  # once it is gone
+        simulate.run(tiny_config(), str(wd), resume=True, progress=False)
+
+
+def test_changed_field_at_its_old_default_is_not_unset(tiny_config, tmp_path, monkeypatch):
+    import numpy as np
+
+    from framp_jax import simulate
+    from framp_jax.checkpoint import CheckpointManager
+    from framp_jax.errors import CheckpointError
+    old = tiny_config()  # compute_dtype float32: left out of the hashed config
+    wd = tmp_path / "run"
+    with CheckpointManager(wd / "checkpoints", keep=None) as m:
+        m.save(2, {"w": np.zeros(2, np.float32)}, {"config_hash": simulate.config_hash(old),
+                                                    "config": simulate.hashed_config(old)})
+    new = tiny_config(compute_dtype="bfloat16")
+    monkeypatch.delenv("FRAMP_SWEEP_RUN", raising=False)
+    with CheckpointManager(wd / "checkpoints", keep=None) as m:
+        with pytest.raises(CheckpointError) as ei:
+            simulate.check_checkpoints(new, str(wd), m, resume=True)
+        assert 'changed: compute_dtype: "float32" -> "bfloat16"; resume with the original ' \
+               "values, or start without --resume in a new workdir" in str(ei.value)
+        monkeypatch.setenv("FRAMP_SWEEP_RUN", "1")  # a run a sweep started: its advice
+        with pytest.raises(CheckpointError) as ei:
+            simulate.check_checkpoints(new, str(wd), m, resume=True)
+        assert str(ei.value).endswith("resume with the original values, or move this run "
+                                      "directory away (the next framp-jax sweep invocation "
+                                      "starts the run again)")
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda np: np.full((4, 8, 8, 3), 200, np.int64),
+     r"x_train has dtype int64; expected uint8 pixels in \[0, 255\] \(its values are in "
+     r"\[200, 200\]: x\.astype\(np\.uint8\)\)"),
+    (lambda np: np.full((4, 8, 8, 3), 0.5, np.float32),
+     r"\(its values are in \[0\.5, 0\.5\]: \(x \* 255\)\.round\(\)\.astype\(np\.uint8\)\)"),
+    (lambda np: np.full((4, 8, 8, 3), 300, np.int32),
+     r"\(its values span \[300, 300\]: rescale them to \[0, 255\] first\)"),
+    (lambda np: np.zeros((4, 3, 32, 32), np.uint8),
+     r"x_train has shape \(4, 3, 32, 32\), channels first \(NCHW, 3 channels of 32x32\); store "
+     r"images channels last \(NHWC\): np\.transpose\(x_train, \(0, 2, 3, 1\)\)"),
+])
+def test_user_npz_pixel_hints(tmp_path, make, expected):
+    import numpy as np
+
+    from framp_jax.data.vision import load_vision_dataset
+    from framp_jax.errors import DataError
+    x = make(np)
+    p = tmp_path / "mine.npz"
+    np.savez(p, x_train=x, y_train=np.arange(4) % 2, x_test=x, y_test=np.arange(4) % 2)
+    with pytest.raises(DataError, match=expected) as ei:
+        load_vision_dataset(f"npz:{p}")
+    assert str(ei.value).startswith(f"{p}: ")
+
+
+def test_sweep_status_leaves_out_the_error_of_an_earlier_config(tiny_config, tmp_path):
+    from framp_jax import sweep as S
+    rd = tmp_path / "run_seed0"
+    old = tiny_config(lr=0.5)
+    S._record_failure(str(rd), "run_seed0", "round 3: diverged", S._Status(str(tmp_path)),
+                      lambda *a: None, old)
+    assert (rd / S.ERROR_TXT).read_text() == "round 3: diverged\n"
+    assert not S._error_of_another_config(str(rd), old)
+    assert S._error_of_another_config(str(rd), tiny_config(lr=0.1))  # the sweep file changed it
+    assert S._error_of_another_config(str(rd), tiny_config(lr=0.5, rounds=9))

@@ -444,12 +444,17 @@ def _load_user_npz(path_str: str, data_dir) -> VisionDataset:
         x, y = arrays[kx], arrays[ky]
         if x.dtype != np.uint8:
             raise InvalidDatasetError(f"{found}: {kx} has dtype {x.dtype}; expected uint8 pixels "
-                                      f"in [0, 255] (e.g. (x * 255).round().astype(np.uint8))")
+                                      f"in [0, 255] ({_to_uint8_hint(x)})")
         if x.ndim == 3:
             x = x[..., None]
         if x.ndim != 4:
             raise InvalidDatasetError(f"{found}: {kx} has shape {x.shape}; expected NHWC (rank "
                                       f"4) or NHW (rank 3)")
+        if x.shape[1] in (1, 3, 4) and x.shape[3] > 4:
+            raise InvalidDatasetError(
+                f"{found}: {kx} has shape {x.shape}, channels first (NCHW, {x.shape[1]} "
+                f"channels of {x.shape[2]}x{x.shape[3]}); store images channels last (NHWC): "
+                f"np.transpose({kx}, (0, 2, 3, 1))")
         if not np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
             raise InvalidDatasetError(f"{found}: {ky} has dtype {y.dtype}; expected integer "
                                       f"class labels")
@@ -477,6 +482,23 @@ def _load_user_npz(path_str: str, data_dir) -> VisionDataset:
                 source="npz", exact=True, note="user-provided npz", description=found.name,
                 cache=None, cache_hit=False)
     return _finish(arrays, num_classes, info)
+
+
+def _to_uint8_hint(x: np.ndarray) -> str:
+    """How to turn these pixels into uint8 in [0, 255], from their dtype and range."""
+    if x.size == 0 or not (np.issubdtype(x.dtype, np.integer) or
+                           np.issubdtype(x.dtype, np.floating)) or x.dtype == np.bool_:
+        return "e.g. x.astype(np.uint8) from values in [0, 255]"
+    lo, hi = float(np.min(x)), float(np.max(x))
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "they hold NaN or infinite values"
+    if lo < 0 or hi > 255:
+        return f"its values span [{lo:g}, {hi:g}]: rescale them to [0, 255] first"
+    if np.issubdtype(x.dtype, np.integer):
+        return f"its values are in [{lo:g}, {hi:g}]: x.astype(np.uint8)"
+    if hi <= 1:
+        return f"its values are in [{lo:g}, {hi:g}]: (x * 255).round().astype(np.uint8)"
+    return f"its values are in [{lo:g}, {hi:g}]: x.round().astype(np.uint8)"
 
 
 def _ranges(values) -> str:
