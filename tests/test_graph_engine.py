@@ -231,6 +231,33 @@ def test_short_cora_run(tmp_path, method):
         (tmp_path / "config.json").read_text())["_resolved"]["data"]["union_size"]
     if method == "fedavg":  # one global model: its union accuracy at budget 1 is a single value
         assert float(last["union/1"]) > 0
+    # final = the mean of the last eval_last=2 evaluations (rows of rounds 2 and 3)
+    r2, r3 = (dict(zip(header, r.split(","))) for r in rows[-2:])
+    for split in ("local", "union"):
+        for k, v in on_disk["final"][split].items():
+            assert abs(v - (float(r2[f"{split}/{k}"]) + float(r3[f"{split}/{k}"])) / 2) < 1e-6, k
+    # the last row summarises results.json's per-client accuracies by budget: local/<s> the
+    # mean over the level's clients, local/mean over all clients, union/mean over the levels
+    pc = on_disk["per_client"]
+    b = np.asarray(pc["budget"], float)
+    loc, uni = np.asarray(pc["local"], float), np.asarray(pc["union"], float)
+    levels = ((1.0, "1"), (0.25, "1/4"), (0.0625, "1/16"), (1 / 64, "1/64"))
+    for s, lab in levels:
+        sel = np.isclose(b, s)
+        assert abs(float(last[f"local/{lab}"]) - np.nanmean(loc[sel])) < 1e-6, lab
+        assert abs(float(last[f"union/{lab}"]) - np.mean(uni[sel])) < 1e-6, lab
+    assert abs(float(last["local/mean"]) - np.nanmean(loc)) < 1e-6
+    assert abs(float(last["union/mean"]) - np.mean([np.mean(uni[np.isclose(b, s)])
+                                                    for s, _ in levels])) < 1e-6
+    # what each method evaluates: one model per budget level (the same Union accuracy for the
+    # level's clients) for the global-model methods, a model per client for Local (FRAMP's
+    # generated GCNs can all still predict one class after 3 rounds, so its per-client models
+    # are checked in test_framp.py instead)
+    distinct = [len(set(np.round(uni[np.isclose(b, s)], 7).tolist())) for s, _ in levels]
+    if method == "local":
+        assert max(distinct) > 1, distinct
+    elif method != "framp":
+        assert distinct == [1, 1, 1, 1], distinct
 
 
 @needs_cora
