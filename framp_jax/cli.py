@@ -299,6 +299,9 @@ def main():
         if line is None or _debug():
             raise
         print(f"framp-jax: {line}", file=sys.stderr, flush=True)
+        if getattr(e, "hard_exit", False):  # JAX's initialization still waits in a thread
+            sys.stdout.flush()
+            os._exit(EXIT_CODE)
         sys.exit(EXIT_CODE)
 
 

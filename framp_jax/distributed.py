@@ -27,6 +27,8 @@ from typing import Any, NamedTuple
 ENV_COORDINATOR = "FRAMP_COORDINATOR"
 ENV_NUM_PROCESSES = "FRAMP_NUM_PROCESSES"
 ENV_PROCESS_ID = "FRAMP_PROCESS_ID"
+ENV_COORDINATOR_TIMEOUT = "FRAMP_COORDINATOR_TIMEOUT"
+DEFAULT_COORDINATOR_TIMEOUT = 300  # seconds; JAX's own initialization timeout
 
 
 class DistributedError(ValueError):
@@ -57,6 +59,10 @@ def define_flags(flag_values=None) -> None:
     flags.DEFINE_string(
         "process_id", None, f"This process's index, 0 .. num_processes-1; process 0 writes the "
         f"run directory (or ${ENV_PROCESS_ID}).", flag_values=fv)
+    flags.DEFINE_string(
+        "coordinator_timeout", None, f"Seconds to wait for the coordinator and the other "
+        f"processes before giving up (or ${ENV_COORDINATOR_TIMEOUT}; default "
+        f"{DEFAULT_COORDINATOR_TIMEOUT}).", flag_values=fv)
 
 
 def _int(name: str, raw: str, allowed: str, lo: int, hi: int | None = None) -> int:
@@ -116,18 +122,78 @@ def resolve(distributed: bool = False, coordinator_address: str | None = None,
     return Settings(coord, n, pid)
 
 
-def initialize(settings: Settings | None) -> None:
+def coordinator_timeout(raw: str | None = None, environ=None) -> float:
+    """The wait for the coordinator (``--coordinator_timeout``, else
+    ``$FRAMP_COORDINATOR_TIMEOUT``, else 300 s); :class:`DistributedError` when not > 0."""
+    env = os.environ if environ is None else environ
+    name, value = ("--coordinator_timeout", raw) if raw is not None else (
+        ENV_COORDINATOR_TIMEOUT, env.get(ENV_COORDINATOR_TIMEOUT, ""))
+    if value in (None, ""):
+        return float(DEFAULT_COORDINATOR_TIMEOUT)
+    try:
+        t = float(str(value).strip())
+    except ValueError:
+        t = float("nan")
+    if not t > 0 or t == float("inf"):
+        raise DistributedError(f"{name}={value!r} is not allowed: a number of seconds > 0")
+    return t
+
+
+def wait_for_coordinator(address: str, timeout: float, log=None, interval: float = 10.0) -> None:
+    """Waits until ``address`` (HOST:PORT) accepts a TCP connection, saying every ``interval``
+    seconds how long it has waited; :class:`DistributedError` naming the address and the last
+    reason after ``timeout`` seconds. (JAX's own wait ends in an abort of the process after 300
+    s, with no word about the address.)"""
+    import socket
+    import sys
+    import time
+    if log is None:
+        def log(msg):
+            print(f"framp-jax: {msg}", file=sys.stderr, flush=True)
+    host, port = address.rsplit(":", 1)
+    host = host.strip("[]")
+    t0 = time.monotonic()
+    next_note = t0 + interval
+    why = "no answer"
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(5.0, max(timeout, 0.1))):
+                return
+        except socket.gaierror as e:
+            why = f"host name not resolved: {e.strerror or e}"
+        except OSError as e:
+            why = e.strerror or type(e).__name__
+        now = time.monotonic()
+        if now - t0 >= timeout:
+            raise DistributedError(
+                f"--coordinator_address={address!r}: no coordinator answered within "
+                f"{timeout:g} s ({why}); start process 0 (the coordinator) first, check that "
+                f"{address} is reachable from this host, or wait longer with "
+                "--coordinator_timeout")
+        if now >= next_note:
+            log(f"waiting for the coordinator at {address} (process 0): {now - t0:.0f} s of "
+                f"{timeout:g} s ({why})")
+            next_note += interval
+        time.sleep(min(1.0, max(0.0, t0 + timeout - now)))
+
+
+def initialize(settings: Settings | None, timeout: float | None = None, log=None) -> None:
     """``jax.distributed.initialize`` with ``settings`` (nothing for ``None``). Must run before
-    any other use of JAX in the process (no array created, no ``jax.devices()`` yet)."""
+    any other use of JAX in the process (no array created, no ``jax.devices()`` yet). A process
+    other than 0 first waits at most ``timeout`` seconds (default 300) for the coordinator to
+    answer (:func:`wait_for_coordinator`); JAX then gets the same bound."""
     if settings is None:
         return
     import jax
     if jax.distributed.is_initialized():
         return
+    timeout = float(DEFAULT_COORDINATOR_TIMEOUT) if timeout is None else float(timeout)
+    if settings.coordinator_address is not None and settings.process_id not in (None, 0):
+        wait_for_coordinator(settings.coordinator_address, timeout, log)
     try:
-        jax.distributed.initialize(coordinator_address=settings.coordinator_address,
-                                   num_processes=settings.num_processes,
-                                   process_id=settings.process_id)
+        _initialize_bounded(settings, timeout, log)
+    except DistributedError:
+        raise
     except (ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if settings.coordinator_address is None:
@@ -139,11 +205,67 @@ def initialize(settings: Settings | None) -> None:
             f"connect ({first})") from e
 
 
+class _StuckInitialization(DistributedError):
+    """JAX's initialization is still waiting in its thread: the process must end without the
+    interpreter's shutdown (which would wait for it and print JAX's own abort log)."""
+    hard_exit = True
+
+
+def _initialize_bounded(settings: Settings, timeout: float, log=None,
+                        interval: float = 10.0) -> None:
+    """``jax.distributed.initialize`` in a thread, waited for at most ``timeout`` seconds with a
+    line every ``interval`` seconds: JAX waits for every process to connect and then aborts the
+    whole process (exit 134, a C++ stack dump); this ends it first, with one line naming the
+    address (:class:`DistributedError`; the process must exit: JAX's thread goes on)."""
+    import sys
+    import threading
+    import time
+
+    import jax
+    if log is None:
+        def log(msg):
+            print(f"framp-jax: {msg}", file=sys.stderr, flush=True)
+    outcome = {}
+
+    def target():
+        try:
+            jax.distributed.initialize(coordinator_address=settings.coordinator_address,
+                                       num_processes=settings.num_processes,
+                                       process_id=settings.process_id,
+                                       initialization_timeout=int(timeout) + 60)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            outcome["error"] = e
+    th = threading.Thread(target=target, name="jax-distributed-initialize", daemon=True)
+    t0 = time.monotonic()
+    th.start()
+    while True:
+        th.join(timeout=min(interval, max(0.0, t0 + timeout - time.monotonic())))
+        if not th.is_alive():
+            break
+        waited = time.monotonic() - t0
+        if waited >= timeout:
+            who = (f"the other {settings.num_processes - 1} process(es)" if
+                   settings.num_processes and settings.process_id == 0 else "every process")
+            raise _StuckInitialization(
+                f"--coordinator_address={settings.coordinator_address!r}: {who} did not connect "
+                f"within {timeout:g} s (process {settings.process_id} of {settings.num_processes}); "
+                "start every process with the same --coordinator_address and --num_processes, "
+                "or wait longer with --coordinator_timeout")
+        log(f"waiting for the processes to connect to {settings.coordinator_address} "
+            f"(process {settings.process_id} of {settings.num_processes}): {waited:.0f} s of "
+            f"{timeout:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+
+
 def initialize_from_flags(flag_values) -> Settings | None:
     """:func:`resolve` the CLI's flags and :func:`initialize`; returns the settings used."""
     s = resolve(flag_values.distributed, flag_values.coordinator_address,
                 flag_values.num_processes, flag_values.process_id)
-    initialize(s)
+    timeout = None
+    if s is not None:
+        timeout = coordinator_timeout(getattr(flag_values, "coordinator_timeout", None))
+    initialize(s, timeout)
     return s
 
 

@@ -125,7 +125,7 @@ def build_image_problem(c) -> Problem:
     info = dict(ds.info)
     info.update(num_classes=ds.num_classes, union_size=int(len(union_idx)),
                 heldout_ids=held.tolist(), val_frac=float(c.val_frac),
-                val_size=int(sum(len(v) for v in val_ids)))
+                val_size=int(sum(len(v) for v in val_ids)), test_size=int(len(ds.y_test)))
     text = summary(lc_train, lc_test, budgets)
     return Problem(c, data, ctx.model, ctx, info, text)
 

@@ -356,6 +356,9 @@ def _run(c, workdir: str, resume: bool, progress: bool, log, warn, closers, wher
         # written or compiled
         raise _data_changed(workdir, trained_on[0], trained_on[1], data_id, "loaded")
     log(prob.summary)
+    note = union_note(c, prob.info)
+    if note:
+        log(note)
     alg = build_algorithm(prob.ctx, c)
     resolved = json.loads(c.to_json_best_effort())
     resolved["_resolved"] = {"data": prob.info, "jax": jax.__version__, "backend": jax.default_backend(),
@@ -532,6 +535,17 @@ def _run(c, workdir: str, resume: bool, progress: bool, log, warn, closers, wher
         plot_budget_accuracy(history, os.path.join(workdir, "accuracy.png"),
                              title=f"{c.method} on {c.dataset} (seed {c.seed})")
     return results
+
+
+def union_note(c, info) -> str | None:
+    """A line when the union set (the clients' test splits together) is not the whole test
+    set, as when the test samples do not divide among the clients."""
+    union, total = info.get("union_size", 0), info.get("test_size", 0)
+    if not 0 < union < total:
+        return None
+    return (f"note: Union is measured on the {union} of {total} test samples that the "
+            f"{c.num_clients} clients' test splits hold (partition={c.partition} leaves "
+            f"{total - union} out)")
 
 
 def _remove_event_files(tb_dir: str) -> None:

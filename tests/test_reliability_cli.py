@@ -387,3 +387,83 @@ def test_sweep_status_leaves_out_the_error_of_an_earlier_config(tiny_config, tmp
     assert not S._error_of_another_config(str(rd), old)
     assert S._error_of_another_config(str(rd), tiny_config(lr=0.1))  # the sweep file changed it
     assert S._error_of_another_config(str(rd), tiny_config(lr=0.5, rounds=9))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. an unreachable coordinator
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_wait_for_coordinator_is_bounded_and_says_so():
+    import socket
+
+    from framp_jax import distributed as dist
+    port = _free_port()
+    lines = []
+    with pytest.raises(dist.DistributedError) as ei:
+        dist.wait_for_coordinator(f"127.0.0.1:{port}", 1.6, lines.append, interval=0.5)
+    assert str(ei.value) == (
+        f"--coordinator_address='127.0.0.1:{port}': no coordinator answered within 1.6 s "
+        f"(Connection refused); start process 0 (the coordinator) first, check that "
+        f"127.0.0.1:{port} is reachable from this host, or wait longer with "
+        "--coordinator_timeout")
+    assert lines and all(ln.startswith(f"waiting for the coordinator at 127.0.0.1:{port} "
+                                       "(process 0): ") and ln.endswith("of 1.6 s (Connection "
+                                                                        "refused)")
+                         for ln in lines)
+    with socket.socket() as srv:  # a coordinator that answers: no wait
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        dist.wait_for_coordinator(f"127.0.0.1:{srv.getsockname()[1]}", 5, lines.append)
+    assert dist.coordinator_timeout(None, {}) == 300.0
+    assert dist.coordinator_timeout("2.5", {}) == 2.5
+    assert dist.coordinator_timeout(None, {dist.ENV_COORDINATOR_TIMEOUT: "7"}) == 7.0
+    with pytest.raises(dist.DistributedError, match=r"--coordinator_timeout='0' is not allowed: "
+                                                    r"a number of seconds > 0"):
+        dist.coordinator_timeout("0", {})
+
+
+@pytest.mark.parametrize("process_id, expected", [
+    (1, "no coordinator answered within 2 s (Connection refused); start process 0 (the "
+        "coordinator) first"),
+    (0, "the other 1 process(es) did not connect within 4 s (process 0 of 2); start every "
+        "process with the same --coordinator_address and --num_processes, or wait longer with "
+        "--coordinator_timeout"),
+])
+def test_cli_unreachable_coordinator_is_one_line(tmp_path, process_id, expected):
+    port = _free_port()
+    r = _cli("train", "--config", CORA, "--workdir", str(tmp_path / "w"),
+             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+             f"--process_id={process_id}", f"--coordinator_timeout={2 if process_id else 4}",
+             env={"JAX_PLATFORMS": "cpu"}, timeout=120)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "Fatal Python error" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        f"framp-jax: --coordinator_address='127.0.0.1:{port}': {expected}"), r.stderr[-3000:]
+    assert not (tmp_path / "w").exists()
+
+
+def test_union_set_smaller_than_the_test_set_is_noted(tiny_config, tmp_path):
+    import numpy as np
+
+    from conftest import make_tiny_images
+    from framp_jax.problem import build_problem
+    from framp_jax.simulate import union_note
+    rng = np.random.default_rng(0)
+    xtr, ytr = make_tiny_images(400, rng)
+    xte, yte = make_tiny_images(100, rng)  # 100 test images do not divide among 8 clients
+    np.savez(tmp_path / "t.npz", x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    c = tiny_config()
+    c.dataset = f"npz:{tmp_path / 't.npz'}"
+    info = build_problem(c, verbose=False).info
+    assert (info["union_size"], info["test_size"]) == (96, 100)
+    assert union_note(c, info) == ("note: Union is measured on the 96 of 100 test samples that "
+                                   "the 8 clients' test splits hold (partition="
+                                   "balanced_dirichlet leaves 4 out)")
+    assert union_note(c, {**info, "union_size": 100}) is None
