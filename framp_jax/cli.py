@@ -41,6 +41,12 @@ flags.DEFINE_string("shard", None, "framp-jax sweep: train only shard I of N of 
                     "'I/N' (0 <= I < N) or 'auto' (FRAMP_SHARD_INDEX/FRAMP_SHARD_COUNT, else a "
                     "SLURM job array's SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT); with "
                     "--status: the whole sweep and a line per shard (framp_jax/shard.py).")
+flags.DEFINE_integer("batch", 1, "framp-jax sweep: train up to this many runs that differ only in "
+                     "seed, lr, framp.lam and framp.hn_lr together in one jitted program, each "
+                     "writing its own run directory (framp_jax/batched.py); 1 = each run alone.")
+flags.DEFINE_enum("batch_mode", "auto", ["auto", "vmap", "map", "unroll"], "framp-jax sweep "
+                  "--batch: how a batch's runs share the program (auto: vmap on an accelerator, "
+                  "unroll on a CPU; see framp_jax/batched.py).")
 flags.DEFINE_string("out", None, "framp-jax report: output directory (REPORT.md and plots).")
 FLAGS = flags.FLAGS
 
@@ -63,7 +69,7 @@ def _sweep_or_report(cmd):
         return
     if len(cmd) != 1 or FLAGS.sweep is None or FLAGS.workdir is None:
         raise app.UsageError("usage: framp-jax sweep --sweep FILE --workdir DIR [--jobs N] "
-                             "[--only PATTERNS] [--shard I/N|auto] [--status]")
+                             "[--only PATTERNS] [--shard I/N|auto] [--batch K] [--status]")
     if FLAGS.status:
         from framp_jax.sweep import format_status, sweep_status
         rows = sweep_status(FLAGS.sweep, FLAGS.workdir, only=FLAGS.only)
@@ -71,13 +77,14 @@ def _sweep_or_report(cmd):
         if FLAGS.shard:
             from framp_jax.shard import parse_shard, shard_summary
             from framp_jax.sweep import load_sweep, select_runs, sweep_units
-            units = sweep_units(select_runs(load_sweep(FLAGS.sweep), FLAGS.only))
+            units = sweep_units(select_runs(load_sweep(FLAGS.sweep), FLAGS.only),
+                                batch=FLAGS.batch)
             print(shard_summary(rows, [[r.name for r in u] for u in units],
                                 parse_shard(FLAGS.shard).count))
         return
     from framp_jax.sweep import run_sweep
     out = run_sweep(FLAGS.sweep, FLAGS.workdir, jobs=FLAGS.jobs, only=FLAGS.only,
-                    shard=FLAGS.shard)
+                    shard=FLAGS.shard, batch=FLAGS.batch, batch_mode=FLAGS.batch_mode)
     if out["failed"]:
         sys.exit(1)
 
@@ -254,6 +261,22 @@ def _quiet_library_logs() -> None:
     from absl import logging
     logging.set_verbosity(logging.FATAL)
     pylogging.getLogger("asyncio").setLevel(pylogging.CRITICAL)
+    # after a failed checkpoint read, tensorstore completes the futures of orbax's closed event
+    # loop: each prints a 'RuntimeError: Event loop is closed' traceback (harmless)
+    for hook in ("excepthook", "unraisablehook"):
+        setattr(sys, hook, _without_closed_loop_noise(getattr(sys, hook)))
+
+
+def _is_closed_loop_noise(exc) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _without_closed_loop_noise(hook):
+    def quiet(*args):
+        exc = args[1] if len(args) == 3 else getattr(args[0], "exc_value", None)
+        if not _is_closed_loop_noise(exc):
+            hook(*args)
+    return quiet
 
 
 INTERRUPTED_EXIT_CODE = 130  # the shell's status for a process stopped by Ctrl-C (SIGINT)

@@ -386,12 +386,15 @@ def select_runs(runs: Sequence[Run], only: str | Sequence[str] | None) -> list[R
 
 def run_sweep(sweep_file: str, workdir: str, jobs: int = 1, log=print,
               env: Mapping[str, str] | None = None,
-              only: str | Sequence[str] | None = None, shard=None) -> dict:
+              only: str | Sequence[str] | None = None, shard=None, batch: int = 1,
+              batch_mode: str = "auto") -> dict:
     """Runs (or continues) the sweep; returns ``{"done", "failed", "skipped", "runs"}`` counts and
     the failed runs' errors. ``only``: train just the runs matching these name patterns
     (``--only``; the others count as ``"unselected"``). ``shard``: ``"I/N"``, ``"auto"`` or a
     :class:`framp_jax.shard.Shard`: train only that shard's share (``--shard``; the runs of the
-    other shards count as ``"other_shards"``). See the module docstring."""
+    other shards count as ``"other_shards"``). ``batch`` > 1: runs that differ only in seed and
+    batchable hyperparameters train together, up to ``batch`` at a time, in one program
+    (``--batch``, :mod:`framp_jax.batched`; ``batch_mode`` its mode). See the module docstring."""
     from framp_jax import shard as SH
     from framp_jax.rundir import write_json_atomic
     from framp_jax.simulate import config_hash
@@ -399,11 +402,14 @@ def run_sweep(sweep_file: str, workdir: str, jobs: int = 1, log=print,
         raise SweepError(f"--jobs={jobs} is not allowed: 1 or more processes")
     if not isinstance(shard, SH.Shard):
         shard = SH.parse_shard(shard, env)
+    if batch < 1:
+        raise SweepError(f"--batch={batch} is not allowed: 1 or more runs per batch")
     runs = load_sweep(sweep_file)
     configs = {r.name: resolve(r) for r in runs}  # every run validated before the first starts
     selected = select_runs(runs, only)
-    units = sweep_units(selected)
-    mine = [r for u in SH.shard_units(units, shard) for r in u]
+    units = sweep_units(selected, configs, batch)
+    my_units = SH.shard_units(units, shard)
+    mine = [r for u in my_units for r in u]
     workdir = os.path.abspath(workdir)
     lock = SH.SweepLock(workdir, shard).acquire()  # one sweep (or one sweep's shards) per workdir
     try:
@@ -420,7 +426,18 @@ def run_sweep(sweep_file: str, workdir: str, jobs: int = 1, log=print,
                 f"the other {unselected} are left as they are")
         if shard is not None:
             log(f"sweep: shard {shard} trains {len(mine)} of the {len(selected)} runs")
-        out = _schedule(mine, configs, workdir, jobs, log, status, env)
+        batch_cmd = None
+        if batch > 1:
+            def batch_cmd(names, resume):
+                return ([sys.executable, "-m", "framp_jax.batched", "--sweep",
+                         os.path.abspath(sweep_file), "--workdir", workdir, "--runs",
+                         ",".join(names), "--mode", batch_mode, "--noprogress"]
+                        + (["--resume"] if resume else []))
+            n_batches = sum(len(u) > 1 for u in my_units)
+            log(f"sweep: --batch {batch}: {len(mine)} runs in {len(my_units)} units, "
+                f"{n_batches} of them batches")
+        out = _schedule(mine, configs, workdir, jobs, log, status, env,
+                        my_units if batch > 1 else None, batch_cmd)
         out["unselected"] = unselected
         out["other_shards"] = len(selected) - len(mine)
         return out
@@ -428,7 +445,7 @@ def run_sweep(sweep_file: str, workdir: str, jobs: int = 1, log=print,
         lock.release()
 
 
-def _schedule(runs, configs, workdir, jobs, log, status, env) -> dict:
+def _schedule(runs, configs, workdir, jobs, log, status, env, units=None, batch_cmd=None) -> dict:
     t0 = time.time()
     todo, skipped, failed, done, errors = [], 0, 0, 0, {}
     states = {r.name: run_state(os.path.join(workdir, r.name), configs[r.name]) for r in runs}
@@ -448,8 +465,8 @@ def _schedule(runs, configs, workdir, jobs, log, status, env) -> dict:
             _record_failure(os.path.join(workdir, r.name), r.name, errors[r.name], status, log,
                             configs[r.name])
     durations: list[float] = []
-    running: dict = {}  # name -> (Popen, run, start, log file)
-    queue = list(todo)
+    running: dict = {}  # name -> (Popen, run, start, log file); a batch under its first run
+    queue = list(todo) if units is None else _batch_jobs(units, todo, workdir)
 
     def progress():
         left = len(queue) + len(running)
@@ -468,6 +485,10 @@ def _schedule(runs, configs, workdir, jobs, log, status, env) -> dict:
     while queue or running:
         while queue and len(running) < jobs:
             r, resume = queue.pop(0)
+            if isinstance(r, list):  # a batch of runs (framp_jax.batched), one process
+                running[r[0].name] = _start_batch(r, resume, workdir, batch_cmd, child_env,
+                                                  status, log)
+                continue
             rd = os.path.join(workdir, r.name)
             os.makedirs(rd, exist_ok=True)
             for stale in (ERROR_TXT, ERROR_CONFIG):
@@ -492,6 +513,13 @@ def _schedule(runs, configs, workdir, jobs, log, status, env) -> dict:
                 continue
             logf.close()
             del running[name]
+            if isinstance(r, list):
+                d, f = _finish_batch(r, rc, start, workdir, configs, status, log, errors)
+                done, failed = done + d, failed + f
+                if d:  # the ETA counts jobs: a batch is one
+                    durations.append(time.time() - start)
+                progress()
+                continue
             rd = os.path.join(workdir, name)
             res = _read_json(os.path.join(rd, "results.json"))
             if rc == 0 and res is not None:
@@ -507,6 +535,76 @@ def _schedule(runs, configs, workdir, jobs, log, status, env) -> dict:
     if not todo:
         progress()
     return {"runs": total, "done": done, "failed": failed, "skipped": skipped, "errors": errors}
+
+
+def _batch_jobs(units, todo, workdir) -> list:
+    """The queue of a batched sweep: each unit's runs still to train, split by the round they
+    start from (a batch starts its members at one round); a group of one is an ordinary run."""
+    from framp_jax.checkpoint import saved_rounds
+    pending = {r.name: resume for r, resume in todo}
+    jobs = []
+    for u in units:
+        by_start: dict = {}
+        for r in u:
+            if r.name in pending:
+                rounds = saved_rounds(os.path.join(workdir, r.name, "checkpoints"))
+                start = rounds[-1] if pending[r.name] and rounds else 0
+                by_start.setdefault(start, []).append(r)
+        for start, rs in by_start.items():
+            jobs.append((rs[0], pending[rs[0].name]) if len(rs) == 1 else (rs, start > 0))
+    return jobs
+
+
+def _start_batch(runs, resume, workdir, batch_cmd, env, status, log):
+    """Starts ``python -m framp_jax.batched`` for ``runs``; its output goes to the first run's
+    train.log, and every run's train.log gets the start line."""
+    first = os.path.join(workdir, runs[0].name)
+    cmd = batch_cmd([r.name for r in runs], resume)
+    for r in runs:
+        rd = os.path.join(workdir, r.name)
+        os.makedirs(rd, exist_ok=True)
+        for stale in (ERROR_TXT, ERROR_CONFIG):
+            try:
+                os.remove(os.path.join(rd, stale))
+            except FileNotFoundError:
+                pass
+        if r is not runs[0]:
+            with open(os.path.join(rd, TRAIN_LOG), "a") as f:
+                f.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} batch of {len(runs)} (output "
+                        f"in {os.path.join(first, TRAIN_LOG)}): {' '.join(cmd)}\n")
+    logf = open(os.path.join(first, TRAIN_LOG), "a")
+    logf.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(cmd)}\n")
+    logf.flush()
+    p = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                         preexec_fn=_die_with_parent, cwd=os.getcwd())
+    for r in runs:
+        status.write(r.name, "resume" if resume else "start", f"pid {p.pid} (batch of {len(runs)})")
+    log(f"sweep: {'resuming' if resume else 'starting'} a batch of {len(runs)}: "
+        + ", ".join(r.name for r in runs))
+    return p, runs, time.time(), logf
+
+
+def _finish_batch(runs, rc, start, workdir, configs, status, log, errors) -> tuple[int, int]:
+    """Each member of a finished batch process: done (results.json of its config) or failed
+    (the error the batch wrote to its error.txt, else the end of the batch's log)."""
+    done = failed = 0
+    log_path = os.path.join(workdir, runs[0].name, TRAIN_LOG)
+    for r in runs:
+        rd = os.path.join(workdir, r.name)
+        if run_state(rd, configs[r.name])[0] == "finished":
+            done += 1
+            status.write(r.name, "done", f"{time.time() - start:.1f} s (batch of {len(runs)})")
+            log("sweep: " + _summary(r.name, _read_json(os.path.join(rd, "results.json"))))
+            continue
+        failed += 1
+        try:
+            with open(os.path.join(rd, ERROR_TXT), errors="replace") as f:
+                msg = " ".join(f.read().split())
+        except OSError:
+            msg = ""
+        errors[r.name] = msg or _error_from_log(log_path, rc)
+        _record_failure(rd, r.name, errors[r.name], status, log, configs[r.name])
+    return done, failed
 
 
 ERROR_CONFIG = ".error_config_hash"  # the config hash error.txt was recorded for
@@ -537,9 +635,16 @@ def _error_of_another_config(rundir, c) -> bool:
     return recorded != [config_hash(c), str(int(c.rounds))]
 
 
-def sweep_units(runs: Sequence[Run]) -> list[list[Run]]:
-    """The units a sweep trains and ``--shard`` deals out: one per run."""
-    return [[r] for r in runs]
+def sweep_units(runs: Sequence[Run], configs: Mapping | None = None,
+                batch: int = 1) -> list[list[Run]]:
+    """The units a sweep trains and ``--shard`` deals out: one per run, or with ``batch`` > 1
+    the batches of :func:`framp_jax.batched.group_runs` (``configs``: run name -> resolved
+    config; resolved here when None)."""
+    if batch <= 1:
+        return [[r] for r in runs]
+    from framp_jax.batched import group_runs
+    configs = {r.name: resolve(r) for r in runs} if configs is None else configs
+    return group_runs(runs, configs, batch)
 
 
 def sweep_status(sweep_file: str, workdir: str, only: str | Sequence[str] | None = None
