@@ -277,6 +277,22 @@ def _without_closed_loop_noise(hook):
         if not _is_closed_loop_noise(exc):
             hook(*args)
     return quiet
+    # after a failed checkpoint read, tensorstore completes the futures of orbax's closed event
+    # loop: each prints a 'RuntimeError: Event loop is closed' traceback (harmless)
+    for hook in ("excepthook", "unraisablehook"):
+        setattr(sys, hook, _without_closed_loop_noise(getattr(sys, hook)))
+
+
+def _is_closed_loop_noise(exc) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _without_closed_loop_noise(hook):
+    def quiet(*args):
+        exc = args[1] if len(args) == 3 else getattr(args[0], "exc_value", None)
+        if not _is_closed_loop_noise(exc):
+            hook(*args)
+    return quiet
 
 
 INTERRUPTED_EXIT_CODE = 130  # the shell's status for a process stopped by Ctrl-C (SIGINT)

@@ -467,3 +467,17 @@ def test_union_set_smaller_than_the_test_set_is_noted(tiny_config, tmp_path):
                                    "the 8 clients' test splits hold (partition="
                                    "balanced_dirichlet leaves 4 out)")
     assert union_note(c, {**info, "union_size": 100}) is None
+
+
+def test_closed_event_loop_noise_is_left_out():
+    """tensorstore's callbacks into orbax's closed event loop after a failed read print one
+    'Event loop is closed' traceback each; the CLI leaves them out without --debug."""
+    seen = []
+    hook = cli._without_closed_loop_noise(lambda *a: seen.append(a))
+    noise = RuntimeError("Event loop is closed")
+    hook(RuntimeError, noise, None)
+    hook(type("U", (), {"exc_value": noise})())  # as sys.unraisablehook gets it
+    assert seen == []
+    bug = RuntimeError("a real bug")
+    hook(RuntimeError, bug, None)
+    assert seen == [(RuntimeError, bug, None)]

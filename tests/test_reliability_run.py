@@ -86,3 +86,24 @@ def test_cli_ctrl_c_is_one_line_and_resumable(tiny_npz, tmp_path):
     last = err.strip().splitlines()[-1]
     assert last.startswith("framp-jax: stopped at round ") and " of 100000; continue with " \
         "--resume from the latest checkpoint, round " in last, last
+
+
+def test_cli_resume_past_a_corrupt_checkpoint_prints_one_warning(tiny_config, tiny_npz, tmp_path):
+    """The newest checkpoint's arrays are gone: one warning line, no traceback (tensorstore's
+    'Event loop is closed' callbacks are left out), and the run finishes."""
+    import glob
+
+    from test_reliability import _config_file
+    wd = tmp_path / "w"
+    run(tiny_config(rounds=4, checkpoint_every=2), wd)
+    for f in glob.glob(str(wd / "checkpoints" / "4" / "state" / "**" / "d" / "*"), recursive=True):
+        os.remove(f)
+    r = subprocess.run([sys.executable, "-m", "framp_jax.cli", "train", "--config",
+                        _config_file(tmp_path, tiny_npz), "--workdir", str(wd), "--noprogress",
+                        "--config.rounds=4", "--config.checkpoint_every=2", "--resume"],
+                       capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert lines[0].startswith("framp-jax: warning: checkpoint(s) of round 4 (ValueError: ")
+    assert "tensorstore_spec" not in lines[0] and "resuming from round 2" in lines[0]
