@@ -40,7 +40,7 @@ BUDGETS = ("1/64", "1/16", "1/4", "1", "mean")
 SETTING_FIELDS = ("dataset", "model", "num_clients", "clients_per_round", "rounds", "local_steps",
                   "batch_size", "partition", "alpha", "classes_per_client", "test_prior",
                   "budget_levels", "budget_dist", "heldout_frac", "graph_partition",
-                  "graph_ratio_train", "graph_split_seed")
+                  "graph_ratio_train", "graph_split_seed", "val_frac")
 # Fields that never make two runs different results (or are the seed, shown as its own column).
 _NOT_VARIANT = {"seed", "data_dir", "rounds", "checkpoint_every", "keep_checkpoints",
                 "eval_every", "eval_model_chunk", "mesh_clients", "conv_impl", "max_loss_ratio",
@@ -401,6 +401,8 @@ def _setting_title(skey) -> str:
     else:
         parts.append(f"graph partition {c.get('graph_partition')}")
     parts.append(f"budgets {_budget_text(c)}")
+    if vision and c.get("val_frac"):
+        parts.append(f"validation: {_fmt_value(c.get('val_frac'))} of each client's training data")
     if c.get("heldout_frac"):
         parts.append(f"heldout_frac={_fmt_value(c.get('heldout_frac'))}")
     return "; ".join(parts)
