@@ -27,16 +27,20 @@ How the members share the program (``mode``):
 - ``"vmap"``: one vmapped program over the runs axis (``jax.vmap``), sharded over a ``runs``
   device mesh when several devices are at hand (:func:`runs_mesh`). The accelerators' mode: the
   members' small matmuls and convolutions become batched ones. The algorithm is built inside
-  the program with the batched values traced (seed, learning rates); the numbers equal a run
+  the program with the values that differ traced (:func:`member_factory`: the seed as the
+  context's seed, ``lr`` in the local recipe, FRAMP's options through :class:`OptionsView`), so
+  every key a run alone folds from its seed is the member's own; the numbers equal a run
   alone's up to floating-point reassociation of the batched kernels (measured in
   tests/test_batched.py and docs/SCALE.md);
-- ``"map"``: the same program with the members one after another (``lax.map``): one compile
-  for any K, small numeric differences as vmap's (XLA compiles the loop body differently);
-- ``"unroll"``: each member's own round (its own algorithm, its own values as constants) traced
-  side by side in one jitted call: the numbers equal a run alone's bit for bit; the compile
-  grows with K (as K separate runs' compiles do);
-- ``"auto"``: ``vmap`` on an accelerator, ``unroll`` on a CPU (no slower than separate runs on
-  2 cores, and exact; benchmarks/bench_batched.py).
+- ``"loop"``: that same per-member program (values traced), compiled once and called once per
+  member each round: the numbers equal a run alone's bit for bit, each round costs what K
+  separate runs' rounds cost, the compile is paid once instead of K times;
+- ``"unroll"``: each member's own round (its own algorithm, its values as constants) traced
+  side by side in one jitted call: bit for bit; the compile grows with K;
+- ``"map"``: the per-member program over the members one after another inside one program
+  (``lax.map``): one compile, small numeric differences as vmap's;
+- ``"auto"``: ``vmap`` on an accelerator, ``loop`` on a CPU (where batched kernels do not beat
+  the cores one run already keeps busy: benchmarks/bench_batched.py).
 
 Entry points: :func:`train_batch` (library), ``python -m framp_jax.batched --sweep FILE
 --workdir DIR --runs a,b,c`` (what ``framp-jax sweep --batch K`` starts), :func:`group_runs`
@@ -72,8 +76,8 @@ BATCHABLE = ("seed", "lr", "framp.lam", "framp.hn_lr")
 # rule follow its own values), so members may differ in them too
 HOST_FIELDS = ("eval_every", "eval_last", "eval_batch", "union_subset", "eval_model_chunk",
                "checkpoint_every", "keep_checkpoints", "max_loss_ratio")
-MODES = ("auto", "vmap", "map", "unroll")
-CPU_MODE = "unroll"  # what "auto" means on a CPU (benchmarks/bench_batched.py)
+MODES = ("auto", "vmap", "loop", "unroll", "map")
+CPU_MODE = "loop"  # what "auto" means on a CPU (benchmarks/bench_batched.py)
 
 
 class BatchError(FrampError, ValueError):
@@ -383,6 +387,11 @@ def make_batched_round(mode, configs, probs, algs, min_count, mesh=None):
     def one(state, data, h, t):
         return build(h).round(state, data, t)
 
+    if mode == "loop":
+        counter = TraceCounter(one)
+        D = [jax.device_put(d) for d in pad_members([p.data for p in probs])]
+        H = [{key: jnp.asarray(v[i]) for key, v in traced.items()} for i in range(k)]
+        return _LoopRound(jax.jit(counter, donate_argnums=(0,))), D, H, counter
     if mode == "vmap":
         body = jax.vmap(one, in_axes=(0, 0, 0, None),
                         **({} if mesh is None else {"spmd_axis_name": "runs"}))
@@ -401,6 +410,33 @@ def make_batched_round(mode, configs, probs, algs, min_count, mesh=None):
         D, H = jax.device_put((D, H))
         fn = jax.jit(counter, donate_argnums=(0,))
     return fn, D, H, counter
+
+
+class _LoopRound:
+    """The loop mode's round: one program (the members' differing values traced), called once
+    per member: ``(states, datas, hs, t) -> (states, metrics)`` over lists. ``lower(...)
+    .compile()`` compiles it once (ahead of time) for every member, as the other modes'."""
+
+    def __init__(self, jitted):
+        self.fn = jitted
+
+    @staticmethod
+    def _over(fn, S, D, H, t):
+        outs = [fn(s, d, h, t) for s, d, h in zip(S, D, H)]
+        return [o[0] for o in outs], [o[1] for o in outs]
+
+    def __call__(self, S, D, H, t):
+        return self._over(self.fn, S, D, H, t)
+
+    def lower(self, S, D, H, t):
+        lowered = self.fn.lower(S[0], D[0], H[0], t)
+        over = self._over
+
+        class _Lowered:
+            def compile(self):
+                compiled = lowered.compile()
+                return lambda S, D, H, t: over(compiled, S, D, H, t)
+        return _Lowered()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,7 +586,7 @@ def _train(members, resume, mode, log, warn, devices, progress, closers):
     round_fn, D, H, counter = make_batched_round(mode, [m.c for m in members],
                                                  [m.prob for m in members],
                                                  [m.alg for m in members], min_count, mesh)
-    if mode == "unroll":
+    if mode in ("unroll", "loop"):
         S = states
     else:
         S = stack(states)
@@ -579,7 +615,7 @@ def _train(members, resume, mode, log, warn, devices, progress, closers):
         m.ux_sub, m.uy_sub = union_subset(m.c, m.prob.data)
 
     def state_of(i):
-        return S[i] if mode == "unroll" else member(S, i)
+        return S[i] if mode in ("unroll", "loop") else member(S, i)
 
     def fail(m, err):
         m.error = err
@@ -620,7 +656,7 @@ def _train(members, resume, mode, log, warn, devices, progress, closers):
         for i, m in enumerate(members):
             if not m.alive:
                 continue
-            mm = M[i] if mode == "unroll" else member(M, i)
+            mm = M[i] if mode in ("unroll", "loop") else member(M, i)
             mm = {key: float(v) for key, v in mm.items()}
             c = m.c
             if not np.isfinite(mm["train_loss"]):

@@ -44,9 +44,9 @@ flags.DEFINE_string("shard", None, "framp-jax sweep: train only shard I of N of 
 flags.DEFINE_integer("batch", 1, "framp-jax sweep: train up to this many runs that differ only in "
                      "seed, lr, framp.lam and framp.hn_lr together in one jitted program, each "
                      "writing its own run directory (framp_jax/batched.py); 1 = each run alone.")
-flags.DEFINE_enum("batch_mode", "auto", ["auto", "vmap", "map", "unroll"], "framp-jax sweep "
-                  "--batch: how a batch's runs share the program (auto: vmap on an accelerator, "
-                  "unroll on a CPU; see framp_jax/batched.py).")
+flags.DEFINE_enum("batch_mode", "auto", ["auto", "vmap", "loop", "unroll", "map"],
+                  "framp-jax sweep --batch: how a batch's runs share the program (auto: vmap on "
+                  "an accelerator, loop on a CPU; see framp_jax/batched.py).")
 flags.DEFINE_string("out", None, "framp-jax report: output directory (REPORT.md and plots).")
 FLAGS = flags.FLAGS
 
@@ -261,22 +261,6 @@ def _quiet_library_logs() -> None:
     from absl import logging
     logging.set_verbosity(logging.FATAL)
     pylogging.getLogger("asyncio").setLevel(pylogging.CRITICAL)
-    # after a failed checkpoint read, tensorstore completes the futures of orbax's closed event
-    # loop: each prints a 'RuntimeError: Event loop is closed' traceback (harmless)
-    for hook in ("excepthook", "unraisablehook"):
-        setattr(sys, hook, _without_closed_loop_noise(getattr(sys, hook)))
-
-
-def _is_closed_loop_noise(exc) -> bool:
-    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-
-
-def _without_closed_loop_noise(hook):
-    def quiet(*args):
-        exc = args[1] if len(args) == 3 else getattr(args[0], "exc_value", None)
-        if not _is_closed_loop_noise(exc):
-            hook(*args)
-    return quiet
     # after a failed checkpoint read, tensorstore completes the futures of orbax's closed event
     # loop: each prints a 'RuntimeError: Event loop is closed' traceback (harmless)
     for hook in ("excepthook", "unraisablehook"):
