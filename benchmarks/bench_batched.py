@@ -214,10 +214,18 @@ def worker(a):
             err = add(name, fn, S, D, H, k)
             if err:
                 errors[name] = err
+    for n, p in list(programs.items()):  # warm-up; a program that fails (memory) is dropped
+        try:
+            p[1], _ = p[0](p[1], p[2], p[3], jnp.int32(0))
+            jax.block_until_ready(p[1])
+        except Exception as e:  # noqa: BLE001
+            log(f"{n}: {type(e).__name__}: {str(e)[:300]}")
+            errors[n] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+            del programs[n]
+    if "separate" not in programs:
+        print("RESULT " + json.dumps({"workload": a.workload, "error": errors.get("separate")}))
+        return
     times = {n: [] for n in programs}
-    for n, p in programs.items():  # warm-up
-        p[1], _ = p[0](p[1], p[2], p[3], jnp.int32(0))
-        jax.block_until_ready(p[1])
     for r in range(a.rounds):
         for n, p in programs.items():
             t0 = time.perf_counter()

@@ -47,7 +47,10 @@ Entry points: :func:`train_batch` (library), ``python -m framp_jax.batched --swe
 (how a sweep's runs are grouped), :func:`batch_key`.
 
 Not batched (each such run trains alone, as a batch of one): ``diagnostics``,
-``record_mask_reuse``, a ``clients`` mesh (``mesh_clients != 1``), runs over several processes.
+``record_mask_reuse``, runs over several processes. Runs with a ``clients`` mesh
+(``mesh_clients`` > 1) batch in the vmap mode on a ``("runs", "clients")`` mesh (each member's
+clients split as its run alone splits them, members over the rows); in the other modes such a
+batch is refused and ``python -m framp_jax.batched`` trains its runs one by one.
 HeteroFL and FedRolex with ``sbn_clients > 0`` choose their sBN clients from the seed in Python,
 so their seeds do not batch (their learning rates do).
 """
@@ -106,8 +109,7 @@ def batch_key(c) -> str | None:
     """Runs with the same key train together; None = this run trains alone. The key is the
     run's whole config less :data:`BATCHABLE`, plus what of those fixes the program's shape
     (whether FRAMP's alignment term is on; the seed where it cannot be traced)."""
-    if (c.get("diagnostics", False) or c.get("record_mask_reuse", False)
-            or c.get("mesh_clients", 1) != 1):
+    if c.get("diagnostics", False) or c.get("record_mask_reuse", False):
         return None
     d = json.loads(c.to_json_best_effort())
     d.pop("_resolved", None)
@@ -148,8 +150,8 @@ def check_batchable(configs: Sequence) -> None:
     keys = [batch_key(c) for c in configs]
     if any(k is None for k in keys):
         i = keys.index(None)
-        raise BatchError(f"run {i} (seed {configs[i].seed}) cannot be batched: diagnostics, "
-                         "record_mask_reuse and a clients mesh (mesh_clients != 1) train alone")
+        raise BatchError(f"run {i} (seed {configs[i].seed}) cannot be batched: diagnostics and "
+                         "record_mask_reuse train alone")
     if len(set(keys)) > 1:
         from framp_jax.rundir import config_diff
         a, b = json.loads(keys[0]), json.loads(keys[keys.index(next(k for k in keys if k != keys[0]))])
@@ -355,14 +357,22 @@ def resolve_mode(mode: str) -> str:
     return mode
 
 
-def runs_mesh(k: int, devices: int | None = None):
-    """The ``runs`` device mesh of a vmapped batch of ``k`` members: the most devices (at most
-    ``devices``, default all) that divide ``k``; None for one."""
+def runs_mesh(k: int, devices: int | None = None, clients: int = 1):
+    """The device mesh of a vmapped batch of ``k`` members: ``("runs",)`` over the most devices
+    (at most ``devices``, default all) that divide ``k``, None for one; with ``clients`` > 1 (the
+    members' ``mesh_clients``) ``("runs", "clients")``, ``clients`` devices per member row and
+    as many rows as divide ``k`` and fit."""
     n_dev = len(jax.devices()) if devices is None else min(int(devices), len(jax.devices()))
-    n = max(d for d in range(1, max(n_dev, 1) + 1) if k % d == 0)
+    rows = max(n_dev // max(clients, 1), 1)
+    n = max(d for d in range(1, rows + 1) if k % d == 0)
+    from jax.sharding import AxisType
+    if clients > 1:
+        if clients > n_dev:
+            raise BatchError(f"mesh_clients={clients} needs {clients} devices; {n_dev} at hand")
+        return jax.make_mesh((n, clients), ("runs", "clients"), axis_types=(AxisType.Auto,) * 2,
+                             devices=jax.devices()[:n * clients])
     if n <= 1:
         return None
-    from jax.sharding import AxisType
     return jax.make_mesh((n,), ("runs",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
 
 
@@ -381,6 +391,11 @@ def make_batched_round(mode, configs, probs, algs, min_count, mesh=None):
                 [training_data(p.data) for p in probs], [None] * k, counter)
     traced, _ = _member_values(configs)
     ctx0 = probs[0].ctx
+    if ctx0.mesh is not None:  # the members' clients mesh: a column of the runs x clients mesh
+        if mode != "vmap" or mesh is None or "clients" not in mesh.axis_names:
+            raise BatchError(f"runs with mesh_clients={configs[0].mesh_clients} batch in the "
+                             "vmap mode only (a runs x clients mesh)")
+        ctx0 = ctx0._replace(mesh=mesh)
     ctx0 = ctx0._replace(local=ctx0.local._replace(min_count=int(min_count)))
     build = member_factory(configs[0], ctx0, tuple(traced))
 
@@ -582,7 +597,14 @@ def _train(members, resume, mode, log, warn, devices, progress, closers):
     start = starts[0]
 
     min_count = min(int(m.prob.ctx.local.min_count) for m in members)
-    mesh = runs_mesh(k, devices) if mode == "vmap" else None
+    clients = members[0].prob.ctx.mesh
+    clients = 1 if clients is None else int(clients.shape["clients"])
+    mesh = runs_mesh(k, devices, clients) if mode == "vmap" else None
+    if clients > 1:  # each member's own evaluation, as simulate.run places it
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        for m in members:
+            m.placed = NamedSharding(m.prob.ctx.mesh, P())
+            m.prob = m.prob._replace(data=jax.device_put(m.prob.data, m.placed))
     round_fn, D, H, counter = make_batched_round(mode, [m.c for m in members],
                                                  [m.prob for m in members],
                                                  [m.alg for m in members], min_count, mesh)
@@ -615,7 +637,9 @@ def _train(members, resume, mode, log, warn, devices, progress, closers):
         m.ux_sub, m.uy_sub = union_subset(m.c, m.prob.data)
 
     def state_of(i):
-        return S[i] if mode in ("unroll", "loop") else member(S, i)
+        st = S[i] if mode in ("unroll", "loop") else member(S, i)
+        placed = getattr(members[i], "placed", None)
+        return st if placed is None else jax.device_put(st, placed)
 
     def fail(m, err):
         m.error = err
