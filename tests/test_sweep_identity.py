@@ -20,6 +20,8 @@ SWEEPS = sorted(p for p in glob.glob(os.path.join(ROOT, "experiments", "sweeps",
 def _committed(sweep_file):
     name = os.path.splitext(os.path.basename(sweep_file))[0]
     d = os.path.join(ROOT, "results", "sweeps", name)
+    if not os.path.isdir(d):  # nothing committed (fair_final.py needs its selections first)
+        return
     for run in load_sweep(sweep_file):
         cj = os.path.join(d, run.name, "config.json")
         if os.path.isfile(cj):
