@@ -508,7 +508,8 @@ def train_batch(configs: Sequence, workdirs: Sequence[str], resume: bool = False
         raise BatchError("two members of the batch share a workdir")
     from framp_jax.data.locate import check_data_env
     check_data_env()
-    from framp_jax.simulate import CheckpointError, _has_checkpoint_dirs, _nothing_to_resume
+    from framp_jax.simulate import (CheckpointError, _has_checkpoint_dirs, _nothing_to_resume,
+                                    close_all)
     for m in members:
         if resume and not _has_checkpoint_dirs(m.workdir):
             raise CheckpointError(_nothing_to_resume(m.c, m.workdir))
@@ -518,11 +519,7 @@ def train_batch(configs: Sequence, workdirs: Sequence[str], resume: bool = False
             locks.append(WorkdirLock(m.workdir).acquire())
         return _train(members, resume, mode, log, warn, devices, progress, closers)
     finally:
-        for close in reversed(closers):
-            try:
-                close()
-            except Exception:  # noqa: BLE001 - an error on the way out must not mask the first
-                pass
+        close_all(closers)
         for lk in locks:
             lk.release()
 

@@ -145,11 +145,7 @@ def run(c, workdir: str, resume: bool = False, progress: bool = True, log=print,
             raise
         raise RunInterrupted(_interrupted_message(c, workdir, where.get("round"))) from e
     finally:
-        for close in reversed(closers):
-            try:
-                close()
-            except Exception:  # noqa: BLE001 - an error on the way out must not mask the first
-                pass
+        close_all(closers)
         if lock is not None:
             lock.release()
 
@@ -176,6 +172,15 @@ def _interrupted_message(c, workdir, done) -> str:
     return (f"{head}, before the first checkpoint (one is saved every checkpoint_every="
             f"{c.checkpoint_every} rounds): there is nothing to resume; start the run again "
             "without --resume")
+
+
+def close_all(closers) -> None:
+    """Call ``closers`` in reverse order; an error on the way out must not mask the first."""
+    for close in reversed(closers):
+        try:
+            close()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def _has_checkpoint_dirs(workdir) -> bool:

@@ -490,12 +490,7 @@ def _schedule(runs, configs, workdir, jobs, log, status, env, units=None, batch_
                                                   status, log)
                 continue
             rd = os.path.join(workdir, r.name)
-            os.makedirs(rd, exist_ok=True)
-            for stale in (ERROR_TXT, ERROR_CONFIG):
-                try:
-                    os.remove(os.path.join(rd, stale))
-                except FileNotFoundError:
-                    pass
+            _fresh_rundir(rd)
             logf = open(os.path.join(rd, TRAIN_LOG), "a")
             cmd = train_command(r, rd, resume)
             logf.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(cmd)}\n")
@@ -555,6 +550,16 @@ def _batch_jobs(units, todo, workdir) -> list:
     return jobs
 
 
+def _fresh_rundir(rd: str) -> None:
+    """A run directory about to be trained: created, its last recorded error removed."""
+    os.makedirs(rd, exist_ok=True)
+    for stale in (ERROR_TXT, ERROR_CONFIG):
+        try:
+            os.remove(os.path.join(rd, stale))
+        except FileNotFoundError:
+            pass
+
+
 def _start_batch(runs, resume, workdir, batch_cmd, env, status, log):
     """Starts ``python -m framp_jax.batched`` for ``runs``; its output goes to the first run's
     train.log, and every run's train.log gets the start line."""
@@ -562,12 +567,7 @@ def _start_batch(runs, resume, workdir, batch_cmd, env, status, log):
     cmd = batch_cmd([r.name for r in runs], resume)
     for r in runs:
         rd = os.path.join(workdir, r.name)
-        os.makedirs(rd, exist_ok=True)
-        for stale in (ERROR_TXT, ERROR_CONFIG):
-            try:
-                os.remove(os.path.join(rd, stale))
-            except FileNotFoundError:
-                pass
+        _fresh_rundir(rd)
         if r is not runs[0]:
             with open(os.path.join(rd, TRAIN_LOG), "a") as f:
                 f.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} batch of {len(runs)} (output "
